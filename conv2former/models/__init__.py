@@ -1,0 +1,4 @@
+"""Conv2Former model family; importing this package registers every model with timm."""
+from .checkpoint import load_state_dict_file, unwrap_state_dict
+from .conv2former import MODEL_CONFIGS, Conv2Former, checkpoint_filter_fn
+from .isotropic import Conv2FormerIsotropic

@@ -1,0 +1,357 @@
+"""Conv2Former: A Simple Transformer-Style ConvNet for Visual Recognition.
+
+Paper: Qibin Hou, Cheng-Ze Lu, Ming-Ming Cheng, Jiashi Feng, IEEE TPAMI 2024, https://arxiv.org/abs/2211.11943
+Origin: https://github.com/HVision-NKU/Conv2Former (MIT). Written anew for this project as a timm model family.
+
+Defaults reproduce the upstream code exactly (same outputs, parameters, MACs; upstream checkpoints load through
+``checkpoint_filter_fn``). Keyword options expose the paper's ablations and its text form.
+"""
+from functools import partial
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import LayerNorm2d, calculate_drop_path_rates, trunc_normal_
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, named_apply, register_model
+from timm.models._features import feature_take_indices
+
+from .checkpoint import remap_upstream_state_dict, resolve_pretrained_file
+from .layers import Conv2FormerBlock, Conv2FormerHead, check_kernel_size, create_stem, to_stage_tuple
+
+__all__ = ['Conv2Former', 'checkpoint_filter_fn']
+
+
+class Conv2FormerStage(nn.Module):
+    """Optional downsampling (LayerNorm → conv 2x2 stride 2) followed by a sequence of blocks."""
+
+    def __init__(
+            self,
+            in_chs: int,
+            out_chs: int,
+            depth: int,
+            downsample: bool,
+            drop_path_rates: Sequence[float],
+            device=None,
+            dtype=None,
+            **block_kwargs,
+    ):
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.grad_checkpointing = False
+        if downsample:
+            self.downsample = nn.Sequential(LayerNorm2d(in_chs, **dd), nn.Conv2d(in_chs, out_chs, 2, stride=2, **dd))
+        else:
+            self.downsample = nn.Identity()
+        self.blocks = nn.Sequential(*[
+            Conv2FormerBlock(out_chs, drop_path=drop_path_rates[i], **block_kwargs, **dd) for i in range(depth)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.blocks, x)
+        return self.blocks(x)
+
+
+class Conv2Former(nn.Module):
+    """Hierarchical Conv2Former (four stages at strides 4, 8, 16, 32).
+
+    Args:
+        in_chans: Input image channels.
+        num_classes: Classifier outputs (0: no classifier, ``forward`` returns pooled features).
+        global_pool: Pooling type of the head (``'avg'``, ``'max'``, ... or ``''`` for none).
+        depths: Blocks per stage.
+        dims: Channels per stage.
+        kernel_size: Depthwise kernel of the modulation, odd 3-31, one int or one per stage (paper Fig. 4a).
+        mlp_ratio: MLP hidden width / dim.
+        ls_init_value: Layer-scale init (upstream 1e-6; None disables layer scale).
+        fusion: ``'mul'`` A ⊙ V (default) or ``'sum'`` A + V (paper Fig. 4b).
+        weighting: Weighting of A before fusion: ``'none'`` (default), ``'sigmoid'``, ``'l1'``, ``'minmax'``
+            (rescaled into (0, 1]) (paper Table 6).
+        attn_act: GELU between W1 and the depthwise conv (upstream); False = the paper's formula.
+        mlp_dwconv: The MLP's residual 3x3 depthwise conv (upstream); False = the paper's text.
+        stem: ``'conv3'`` upstream 3-conv stem (default) or ``'patch'`` ConvNeXt-style 4x4 patchify stem.
+        head: ``'conv'`` upstream head (1x1 conv to ``head_hidden_size`` → GELU → LN, then pool → fc) or
+            ``'norm'`` (pool → LN → fc).
+        head_hidden_size: Width of the conv head (upstream 1280).
+        head_init_scale: Scale applied to the classifier's initial weights and bias.
+        drop_rate: Dropout before the classifier.
+        drop_path_rate: Stochastic depth, ramped linearly 0 → rate over all blocks.
+        device, dtype: Factory kwargs for every parameter (e.g. ``device='meta'``).
+    """
+
+    def __init__(
+            self,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'avg',
+            depths: Sequence[int] = (3, 3, 12, 3),
+            dims: Sequence[int] = (72, 144, 288, 576),
+            kernel_size: Union[int, Sequence[int]] = 11,
+            mlp_ratio: float = 4.,
+            ls_init_value: Optional[float] = 1e-6,
+            fusion: str = 'mul',
+            weighting: str = 'none',
+            attn_act: bool = True,
+            mlp_dwconv: bool = True,
+            stem: str = 'conv3',
+            head: str = 'conv',
+            head_hidden_size: int = 1280,
+            head_init_scale: float = 1.,
+            drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        num_stages = len(depths)
+        if len(dims) != num_stages:
+            raise ValueError(f'dims and depths need one entry per stage, got {len(dims)} dims and {num_stages} depths')
+        kernel_sizes = [check_kernel_size(k) for k in to_stage_tuple(kernel_size, num_stages, 'kernel_size')]
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+        self.output_fmt = 'NCHW'
+        self.feature_info = []
+
+        self.stem = create_stem(stem, in_chans, dims[0], stride=4, **dd)
+        dp_rates = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
+        stages = []
+        prev_chs = dims[0]
+        for i in range(num_stages):
+            stages.append(Conv2FormerStage(
+                prev_chs,
+                dims[i],
+                depth=depths[i],
+                downsample=i > 0,
+                drop_path_rates=dp_rates[i],
+                kernel_size=kernel_sizes[i],
+                mlp_ratio=mlp_ratio,
+                ls_init_value=ls_init_value,
+                fusion=fusion,
+                weighting=weighting,
+                attn_act=attn_act,
+                mlp_dwconv=mlp_dwconv,
+                **dd,
+            ))
+            prev_chs = dims[i]
+            self.feature_info.append(dict(num_chs=prev_chs, reduction=4 * 2 ** i, module=f'stages.{i}'))
+        self.stages = nn.Sequential(*stages)
+        self.num_features = prev_chs
+        # smallest input whose last stage keeps one pixel: stride-2 layers floor, as upstream
+        self.stem.min_size = next(s for s in range(1, 4097) if self.stem.output_size(s) >> (num_stages - 1) >= 1)
+
+        self.head = Conv2FormerHead(
+            self.num_features,
+            num_classes,
+            pool_type=global_pool,
+            head_type=head,
+            hidden_size=head_hidden_size,
+            drop_rate=drop_rate,
+            **dd,
+        )
+        self.head_hidden_size = self.head.num_features
+        named_apply(partial(_init_weights, head_init_scale=head_init_scale), self)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Union[str, List]]:
+        return dict(
+            stem=r'^stem',
+            blocks=r'^stages\.(\d+)' if coarse else [
+                (r'^stages\.(\d+)\.downsample', (0,)),
+                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for s in self.stages:
+            s.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        # norms, biases and layer scales are 1-D: timm's optimizer factory already excludes them
+        return set()
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None, reset_other: bool = False):
+        self.num_classes = num_classes
+        self.head.reset(num_classes, global_pool, reset_other=reset_other)
+        self.head_hidden_size = self.head.num_features
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Stage outputs (strides 4, 8, 16, 32) selected by ``indices`` (None: all, int n: last n, list).
+
+        ``norm`` is accepted for API compatibility: the model has no norm between the last stage and the head.
+        """
+        if output_fmt != 'NCHW':
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        intermediates = []
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        x = self.stem(x)
+        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
+        for feat_idx, stage in enumerate(stages):
+            x = stage(x)
+            if feat_idx in take_indices:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the stages (and head) not needed for the given intermediates; returns the kept indices."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        prune_end = max_index < len(self.stages) - 1
+        self.stages = self.stages[:max_index + 1]
+        if prune_end:
+            self.num_features = self.feature_info[max_index]['num_chs']
+        if prune_head or prune_end:
+            # the conv head is sized for the last stage: without it, the features end at the last kept stage
+            self.head.in_features = self.num_features
+            self.reset_classifier(0, '', reset_other=prune_end or prune_norm)
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        return self.stages(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _init_weights(module: nn.Module, name: Optional[str] = None, head_init_scale: float = 1.0) -> None:
+    """Upstream init: truncated normal (std .02) conv/linear weights, zero biases; classifier scaled."""
+    if isinstance(module, (nn.Conv2d, nn.Linear)):
+        trunc_normal_(module.weight, std=.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if name and name.endswith('head.fc'):
+            module.weight.data.mul_(head_init_scale)
+            module.bias.data.mul_(head_init_scale)
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Map an upstream (HVision-NKU) or our own checkpoint onto ``model``'s parameter names.
+
+    Accepts the usual wrappers ('state_dict', 'model', 'state_dict_ema', 'module.' prefixes) and raises a
+    ValueError listing every key and shape that does not fit the model (the classifier and the first conv's
+    input channels may differ: timm adapts those).
+    """
+    return remap_upstream_state_dict(state_dict, model)
+
+
+def _create_conv2former(variant: str, pretrained: bool = False, **kwargs) -> Conv2Former:
+    kwargs = resolve_pretrained_file(pretrained, kwargs)
+    return build_model_with_cfg(
+        Conv2Former,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),
+        **kwargs,
+    )
+
+
+def _cfg(url: str = '', **kwargs) -> dict:
+    return {
+        'url': url,
+        'num_classes': 1000,
+        'input_size': (3, 224, 224),
+        'pool_size': (7, 7),
+        'crop_pct': 0.875,
+        'interpolation': 'bicubic',
+        'mean': IMAGENET_DEFAULT_MEAN,
+        'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'stem.0',
+        'classifier': 'head.fc',
+        'license': 'mit',
+        'paper_ids': 'arXiv:2211.11943',
+        'paper_name': 'Conv2Former: A Simple Transformer-Style ConvNet for Visual Recognition',
+        'origin_url': 'https://github.com/HVision-NKU/Conv2Former',
+        **kwargs,
+    }
+
+
+# The released weights live on a file host timm cannot fetch: load them with
+# pretrained_cfg_overlay=dict(file=path) (or convert them once to safetensors).
+default_cfgs = generate_default_cfgs({
+    'conv2former_n.in1k': _cfg(),
+    'conv2former_t.in1k': _cfg(),
+    'conv2former_s.in1k': _cfg(),
+    'conv2former_b.in1k': _cfg(),
+    'conv2former_b_22k.in22k_ft_in1k': _cfg(),
+    'conv2former_l.in22k_ft_in1k': _cfg(),
+})
+
+# name: (dims, depths, kernel_size), as the upstream code (and its released weights) build them
+MODEL_CONFIGS = {
+    'conv2former_n': ((64, 128, 256, 512), (2, 2, 8, 2), 7),
+    'conv2former_t': ((72, 144, 288, 576), (3, 3, 12, 3), 11),
+    'conv2former_s': ((72, 144, 288, 576), (4, 4, 32, 4), 11),
+    'conv2former_b': ((96, 192, 384, 768), (4, 4, 34, 4), 11),
+    'conv2former_b_22k': ((96, 192, 384, 768), (4, 4, 34, 4), 7),
+    'conv2former_l': ((128, 256, 512, 1024), (4, 4, 48, 4), 11),
+}
+
+
+def _create_variant(name: str, pretrained: bool, kwargs: dict) -> Conv2Former:
+    dims, depths, kernel_size = MODEL_CONFIGS[name]
+    model_args = dict(dims=dims, depths=depths, kernel_size=kernel_size)
+    return _create_conv2former(name, pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def conv2former_n(pretrained: bool = False, **kwargs) -> Conv2Former:
+    """Conv2Former-N: 14.99M params, 2.33 GMACs (kernel 7, as the released weights)."""
+    return _create_variant('conv2former_n', pretrained, kwargs)
+
+
+@register_model
+def conv2former_t(pretrained: bool = False, **kwargs) -> Conv2Former:
+    """Conv2Former-T: 26.70M params, 4.36 GMACs."""
+    return _create_variant('conv2former_t', pretrained, kwargs)
+
+
+@register_model
+def conv2former_s(pretrained: bool = False, **kwargs) -> Conv2Former:
+    """Conv2Former-S: 50.03M params, 8.71 GMACs."""
+    return _create_variant('conv2former_s', pretrained, kwargs)
+
+
+@register_model
+def conv2former_b(pretrained: bool = False, **kwargs) -> Conv2Former:
+    """Conv2Former-B: 90.03M params, 15.89 GMACs."""
+    return _create_variant('conv2former_b', pretrained, kwargs)
+
+
+@register_model
+def conv2former_b_22k(pretrained: bool = False, **kwargs) -> Conv2Former:
+    """Conv2Former-B as released for ImageNet-22k pre-training (kernel 7): 88.79M params, 15.57 GMACs."""
+    return _create_variant('conv2former_b_22k', pretrained, kwargs)
+
+
+@register_model
+def conv2former_l(pretrained: bool = False, **kwargs) -> Conv2Former:
+    """Conv2Former-L: 198.89M params, 36.04 GMACs."""
+    return _create_variant('conv2former_l', pretrained, kwargs)
