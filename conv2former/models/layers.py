@@ -186,21 +186,42 @@ class Conv2FormerBlock(nn.Module):
         return x
 
 
-class _Stem(nn.Sequential):
-    """A stem that validates its input (every forward path, features_only included, goes through it)."""
+class _Stem(nn.Module):
+    """A stem that validates its input, so every forward path (features_only included) checks it.
+
+    Layers are children named '0', '1', ... (state-dict keys ``stem.0.weight`` as upstream); deliberately not an
+    ``nn.Sequential``, which timm's feature wrappers would flatten, dropping the check.
+    """
     in_chans: int
     min_size: int
 
+    def __init__(self, in_chans: int, *layers: nn.Module):
+        super().__init__()
+        for i, layer in enumerate(layers):
+            self.add_module(str(i), layer)
+        self.in_chans, self.min_size = in_chans, 1
+
+    def __getitem__(self, idx: int) -> nn.Module:
+        return list(self.children())[idx]
+
+    def __iter__(self):
+        return iter(self.children())
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
     def output_size(self, size: int) -> int:
         """Spatial size after the stem for an input of ``size`` (convs floor, as in PyTorch)."""
-        for m in self:
+        for m in self.children():
             if isinstance(m, nn.Conv2d):
                 size = (size + 2 * m.padding[0] - m.kernel_size[0]) // m.stride[0] + 1
         return size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.in_chans, self.min_size)
-        return super().forward(x)
+        for layer in self.children():
+            x = layer(x)
+        return x
 
 
 class ConvStem(_Stem):
@@ -217,6 +238,7 @@ class ConvStem(_Stem):
         mid, s2 = out_chs // 2, (1 if stride == 4 else 2)
         last = stride // (2 * s2)
         super().__init__(
+            in_chans,
             nn.Conv2d(in_chans, mid, 3, stride=2, padding=1, bias=False, **dd),
             act_layer(),
             nn.BatchNorm2d(mid, **dd),
@@ -225,7 +247,6 @@ class ConvStem(_Stem):
             nn.BatchNorm2d(mid, **dd),
             nn.Conv2d(mid, out_chs, last, stride=last, bias=False, **dd),
         )
-        self.in_chans, self.min_size = in_chans, 1
 
 
 class PatchStem(_Stem):
@@ -233,8 +254,7 @@ class PatchStem(_Stem):
 
     def __init__(self, in_chans: int, out_chs: int, stride: int = 4, norm_layer=LayerNorm2d, device=None, dtype=None):
         dd = dict(device=device, dtype=dtype)
-        super().__init__(nn.Conv2d(in_chans, out_chs, stride, stride=stride, **dd), norm_layer(out_chs, **dd))
-        self.in_chans, self.min_size = in_chans, 1
+        super().__init__(in_chans, nn.Conv2d(in_chans, out_chs, stride, stride=stride, **dd), norm_layer(out_chs, **dd))
 
 
 def create_stem(stem: str, in_chans: int, out_chs: int, stride: int, device=None, dtype=None) -> _Stem:
@@ -281,6 +301,7 @@ class Conv2FormerHead(nn.Module):
         self.norm = norm_layer(self.num_features, **dd)
         self.global_pool = SelectAdaptivePool2d(pool_type=pool_type)
         self.flatten = nn.Flatten(1) if pool_type else nn.Identity()
+        self.pooled = bool(pool_type)
         self.drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
 
@@ -291,6 +312,7 @@ class Conv2FormerHead(nn.Module):
         if pool_type is not None:
             self.global_pool = SelectAdaptivePool2d(pool_type=pool_type)
             self.flatten = nn.Flatten(1) if pool_type else nn.Identity()
+            self.pooled = bool(pool_type)
         if reset_other:
             self.conv, self.act, self.norm = nn.Identity(), nn.Identity(), nn.Identity()
             self.num_features = self.in_features
@@ -306,7 +328,7 @@ class Conv2FormerHead(nn.Module):
         x = self.drop(self.flatten(x))
         if pre_logits:
             return x
-        if x.ndim == 4:  # unpooled: classify every position
+        if not self.pooled:  # classify every position
             return self.fc(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         return self.fc(x)
 
