@@ -13,10 +13,22 @@ def _create(name, **kwargs):
     return timm.create_model(name, **dict(tiny_kwargs(name), **kwargs)).eval()
 
 
-def test_registry_lists_every_model():
-    assert set(timm.list_models('conv2former*')) == set(ALL_MODELS)
-    assert 'conv2former_t.in1k' in timm.list_models('conv2former_t', pretrained=True) or \
-        'conv2former_t' in timm.list_pretrained('conv2former_t*') or timm.get_pretrained_cfg('conv2former_t')
+EXPECTED_TAGS = dict(conv2former_n='in1k', conv2former_t='in1k', conv2former_s='in1k', conv2former_b='in1k',
+                     conv2former_b_22k='in22k_ft_in1k', conv2former_l='in22k_ft_in1k',
+                     conv2former_is='untrained', conv2former_ib='untrained')
+
+
+@pytest.mark.parametrize('name', ALL_MODELS)
+def test_registered_with_its_pretrained_cfg(name):
+    assert name in timm.list_models('conv2former*')
+    cfg = timm.get_pretrained_cfg(name)
+    assert (cfg.architecture, cfg.tag) == (name, EXPECTED_TAGS[name])
+    assert cfg.first_conv == 'stem.0' and cfg.classifier == 'head.fc'
+    assert timm.models.get_arch_name(f'{name}.{cfg.tag}') == name
+
+
+def test_registry_lists_exactly_the_family():
+    assert set(timm.list_models('conv2former*')) == set(ALL_MODELS) == set(EXPECTED_TAGS)
 
 
 @pytest.mark.parametrize('name', ALL_MODELS)
@@ -121,7 +133,7 @@ def test_features_only_isotropic(name):
     assert [f.shape[-1] for f in feats] == [SIZE // 16] * 2
 
 
-@pytest.mark.parametrize('name', ['conv2former_n', 'conv2former_is'])
+@pytest.mark.parametrize('name', ALL_MODELS)
 def test_grad_checkpointing_matches(name):
     model = _create(name).train()
     x = torch.randn(2, 3, SIZE, SIZE)
@@ -148,7 +160,7 @@ def test_group_matcher_layer_decay(name):
     assert model.group_matcher(coarse=True)['stem'] == r'^stem'
 
 
-@pytest.mark.parametrize('name', ['conv2former_n', 'conv2former_is'])
+@pytest.mark.parametrize('name', ALL_MODELS)
 def test_torch_compile_fullgraph(name):
     """No graph breaks (dynamo's eager backend traces the full graph; inductor is covered by the slow test)."""
     model = _create(name)
@@ -166,7 +178,7 @@ def test_torch_compile_inductor():
     torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize('name', ['conv2former_n', 'conv2former_is'])
+@pytest.mark.parametrize('name', ALL_MODELS)
 def test_torch_export(name):
     model = _create(name)
     x = torch.randn(1, 3, SIZE, SIZE)

@@ -7,7 +7,7 @@ Defaults reproduce the upstream code exactly (same outputs, parameters, MACs; up
 ``checkpoint_filter_fn``). Keyword options expose the paper's ablations and its text form.
 """
 from functools import partial
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -15,8 +15,8 @@ import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import LayerNorm2d, calculate_drop_path_rates, trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, named_apply, register_model
-from timm.models._features import feature_take_indices
 
+from .base import Conv2FormerBase
 from .checkpoint import remap_upstream_state_dict, resolve_pretrained_file
 from .layers import Conv2FormerBlock, Conv2FormerHead, check_kernel_size, create_stem, to_stage_tuple
 
@@ -54,7 +54,7 @@ class Conv2FormerStage(nn.Module):
         return self.blocks(x)
 
 
-class Conv2Former(nn.Module):
+class Conv2Former(Conv2FormerBase):
     """Hierarchical Conv2Former (four stages at strides 4, 8, 16, 32).
 
     Args:
@@ -170,74 +170,9 @@ class Conv2Former(nn.Module):
         for s in self.stages:
             s.grad_checkpointing = enable
 
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        # norms, biases and layer scales are 1-D: timm's optimizer factory already excludes them
-        return set()
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None, reset_other: bool = False):
-        self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool, reset_other=reset_other)
-        self.head_hidden_size = self.head.num_features
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Stage outputs (strides 4, 8, 16, 32) selected by ``indices`` (None: all, int n: last n, list).
-
-        ``norm`` is accepted for API compatibility: the model has no norm between the last stage and the head.
-        """
-        if output_fmt != 'NCHW':
-            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        intermediates = []
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        x = self.stem(x)
-        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
-        for feat_idx, stage in enumerate(stages):
-            x = stage(x)
-            if feat_idx in take_indices:
-                intermediates.append(x)
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
-
-    def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ) -> List[int]:
-        """Drop the stages (and head) not needed for the given intermediates; returns the kept indices."""
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        prune_end = max_index < len(self.stages) - 1
-        self.stages = self.stages[:max_index + 1]
-        if prune_end:
-            self.num_features = self.feature_info[max_index]['num_chs']
-        if prune_head or prune_end:
-            # the conv head is sized for the last stage: without it, the features end at the last kept stage
-            self.head.in_features = self.num_features
-            self.reset_classifier(0, '', reset_other=prune_end or prune_norm)
-        return take_indices
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
         return self.stages(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _init_weights(module: nn.Module, name: Optional[str] = None, head_init_scale: float = 1.0) -> None:

@@ -6,15 +6,15 @@ kernel 11, pooled-LayerNorm head. That gives IS 23.02M and IB 88.50M params (rat
 The paper's "3-conv patch embedding" variant is ``stem='conv3'``:
 conv3x3 s2 → GELU → BN → conv3x3 s2 → GELU → BN → conv4x4 s4.
 """
-from typing import List, Optional, Tuple, Union
+from typing import Optional
 
 import torch
 import torch.nn as nn
 
 from timm.layers import calculate_drop_path_rates
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, named_apply, register_model
-from timm.models._features import feature_take_indices
 
+from .base import Conv2FormerBase
 from .checkpoint import remap_upstream_state_dict, resolve_pretrained_file
 from .conv2former import _cfg, _init_weights
 from .layers import Conv2FormerBlock, Conv2FormerHead, check_kernel_size, create_stem
@@ -22,7 +22,7 @@ from .layers import Conv2FormerBlock, Conv2FormerHead, check_kernel_size, create
 __all__ = ['Conv2FormerIsotropic']
 
 
-class Conv2FormerIsotropic(nn.Module):
+class Conv2FormerIsotropic(Conv2FormerBase):
     """Isotropic (ViT-shaped) Conv2Former.
 
     Args:
@@ -34,6 +34,7 @@ class Conv2FormerIsotropic(nn.Module):
         stem: ``'patch'`` (default, conv patch_size x patch_size → LN) or ``'conv3'`` (3-conv patch embedding).
         head: ``'norm'`` (default, pool → LN → fc) or ``'conv'`` (upstream-style 1x1 conv head).
     """
+    trunk_name = 'blocks'
 
     def __init__(
             self,
@@ -102,66 +103,11 @@ class Conv2FormerIsotropic(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        return set()
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None, reset_other: bool = False):
-        self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool, reset_other=reset_other)
-        self.head_hidden_size = self.head.num_features
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Block outputs selected by ``indices`` (None: all, int n: last n, list); all at stride ``patch_size``."""
-        if output_fmt != 'NCHW':
-            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        intermediates = []
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        x = self.stem(x)
-        blocks = self.blocks if torch.jit.is_scripting() or not stop_early else self.blocks[:max_index + 1]
-        for i, block in enumerate(blocks):
-            x = block(x)
-            if i in take_indices:
-                intermediates.append(x)
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
-
-    def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ) -> List[int]:
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        self.blocks = self.blocks[:max_index + 1]
-        if prune_head:
-            self.reset_classifier(0, '', reset_other=prune_norm)
-        return take_indices
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             return checkpoint_seq(self.blocks, x)
         return self.blocks(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _create_isotropic(variant: str, pretrained: bool = False, **kwargs) -> Conv2FormerIsotropic:
