@@ -109,6 +109,11 @@ def test_malicious_pickle_is_refused_and_not_executed(tmp_path):
     assert not marker.exists()
 
 
+def test_pretrained_without_a_file_says_how_to_give_one():
+    with pytest.raises(ValueError, match=r"pretrained_cfg_overlay=dict\(file="):
+        timm.create_model('conv2former_t', pretrained=True, device='meta')
+
+
 def test_missing_and_garbage_files(tmp_path):
     with pytest.raises(FileNotFoundError, match='checkpoint file not found'):
         conv2former.load_state_dict_file(tmp_path / 'nope.pth')

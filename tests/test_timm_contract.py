@@ -186,6 +186,18 @@ def test_torch_export(name):
     torch.testing.assert_close(exported.module()(x), model(x))
 
 
+@pytest.mark.parametrize('name', ['conv2former_n', 'conv2former_is'])
+def test_channels_last_and_reset_on_meta(name):
+    model = _create(name)
+    x = torch.randn(2, 3, SIZE, SIZE)
+    ref = model(x)
+    cl = model.to(memory_format=torch.channels_last)
+    torch.testing.assert_close(cl(x.to(memory_format=torch.channels_last)), ref, rtol=1e-4, atol=1e-5)
+    meta = timm.create_model(name, device='meta')
+    meta.reset_classifier(3)
+    assert meta.get_classifier().weight.device.type == 'meta' and meta.get_classifier().out_features == 3
+
+
 @pytest.mark.parametrize('in_chans', [1, 4])
 def test_in_chans(in_chans):
     model = _create('conv2former_n', in_chans=in_chans)

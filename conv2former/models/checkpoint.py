@@ -138,9 +138,20 @@ def remap_upstream_state_dict(state_dict: Mapping, model: nn.Module, use_ema: bo
 
 
 def resolve_pretrained_file(pretrained: bool, kwargs: dict) -> dict:
-    """Load ``pretrained_cfg_overlay['file']`` ourselves so timm never unpickles it (timm < 1.0.22 would)."""
-    overlay = kwargs.get('pretrained_cfg_overlay')
-    if not pretrained or not overlay or not overlay.get('file'):
+    """Load ``pretrained_cfg_overlay['file']`` ourselves so timm never unpickles it (timm < 1.0.22 would).
+
+    The released weights are not on a host timm can download from, so ``pretrained=True`` needs a file
+    (or a ``state_dict``) in the overlay; without one this raises a ValueError that says how to give it.
+    """
+    if not pretrained:
         return kwargs
+    overlay = kwargs.get('pretrained_cfg_overlay') or {}
+    if overlay.get('state_dict') is not None or overlay.get('url') or overlay.get('hf_hub_id'):
+        return kwargs
+    if not overlay.get('file'):
+        raise ValueError(
+            'Conv2Former weights cannot be downloaded automatically (upstream publishes them on a file host only): '
+            "download them, then pass pretrained_cfg_overlay=dict(file='/path/to/conv2former_t.pth.tar') "
+            '(an upstream .pth/.pth.tar or a .safetensors file)')
     state_dict = load_state_dict_file(overlay['file'])
     return dict(kwargs, pretrained_cfg_overlay=dict(overlay, file=None, state_dict=state_dict))

@@ -307,8 +307,8 @@ class Conv2FormerHead(nn.Module):
 
     def reset(self, num_classes: int, pool_type: Optional[str] = None, reset_other: bool = False) -> None:
         """Replace the classifier (and pooling); ``reset_other`` also drops the conv/norm layers."""
-        dd = dict(device=self.norm.weight.device, dtype=self.norm.weight.dtype) if hasattr(self.norm, 'weight') \
-            else {}
+        ref = next(self.parameters(), None)
+        dd = dict(device=ref.device, dtype=ref.dtype) if ref is not None else {}
         if pool_type is not None:
             self.global_pool = SelectAdaptivePool2d(pool_type=pool_type)
             self.flatten = nn.Flatten(1) if pool_type else nn.Identity()
