@@ -127,3 +127,13 @@ def test_missing_and_garbage_files(tmp_path):
         conv2former.load_state_dict_file(tensor_only)
     with pytest.raises(ValueError, match='holds no tensors'):
         conv2former.unwrap_state_dict({'epoch': 3, 'arch': 'x'})
+
+
+def test_local_dir_round_trip(tmp_path):
+    """timm's local-dir format (config.json + model.safetensors) loads through create_model."""
+    from timm.models._hub import save_for_hf
+    model = timm.create_model('conv2former_n', num_classes=4, **TINY).eval()
+    save_for_hf(model, tmp_path, model_args=dict(TINY, num_classes=4), safe_serialization=True)
+    loaded = timm.create_model(f'local-dir:{tmp_path}', pretrained=True).eval()
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(loaded(x), model(x))

@@ -138,20 +138,25 @@ def remap_upstream_state_dict(state_dict: Mapping, model: nn.Module, use_ema: bo
 
 
 def resolve_pretrained_file(pretrained: bool, kwargs: dict) -> dict:
-    """Load ``pretrained_cfg_overlay['file']`` ourselves so timm never unpickles it (timm < 1.0.22 would).
+    """Load a pretrained ``file`` ourselves so timm never unpickles it (timm < 1.0.22 would).
 
-    The released weights are not on a host timm can download from, so ``pretrained=True`` needs a file
-    (or a ``state_dict``) in the overlay; without one this raises a ValueError that says how to give it.
+    The released weights are not on a host timm can download from, so ``pretrained=True`` needs a file, a
+    ``state_dict``, or a ``local-dir:`` / ``hf-hub:`` model name; without one this raises a ValueError that says
+    how to give it.
     """
     if not pretrained:
         return kwargs
+    base = kwargs.get('pretrained_cfg')
+    base = base.to_dict() if hasattr(base, 'to_dict') else (base if isinstance(base, dict) else {})
     overlay = kwargs.get('pretrained_cfg_overlay') or {}
-    if overlay.get('state_dict') is not None or overlay.get('url') or overlay.get('hf_hub_id'):
-        return kwargs
-    if not overlay.get('file'):
+    cfg = dict(base, **overlay)
+    if cfg.get('source') in ('local-dir', 'hf-hub') or any(cfg.get(k) is not None for k in ('state_dict', 'url')) \
+            or cfg.get('hf_hub_id'):
+        return kwargs  # timm reads model.safetensors from the folder / hub, or the given state_dict
+    if not cfg.get('file'):
         raise ValueError(
             'Conv2Former weights cannot be downloaded automatically (upstream publishes them on a file host only): '
             "download them, then pass pretrained_cfg_overlay=dict(file='/path/to/conv2former_t.pth.tar') "
-            '(an upstream .pth/.pth.tar or a .safetensors file)')
-    state_dict = load_state_dict_file(overlay['file'])
+            "(an upstream .pth/.pth.tar or a .safetensors file), or create 'local-dir:/path/to/folder'")
+    state_dict = load_state_dict_file(cfg['file'])
     return dict(kwargs, pretrained_cfg_overlay=dict(overlay, file=None, state_dict=state_dict))
