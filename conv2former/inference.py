@@ -1,0 +1,532 @@
+"""Inference helpers: model folders (timm ``local-dir`` format), checkpoint conversion, prediction and export.
+
+A *model folder* is what ``timm.models.save_for_hf`` writes (``config.json`` + ``model.safetensors``); its
+``config.json`` also carries ``label_names`` and ``model_args``, and ``model_ema.safetensors`` may sit beside it.
+A *run folder* (``conv2former train --output``) holds model folders ``best/`` and ``last/``.
+Weights are only ever read with safetensors or ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import safetensors.torch
+import timm
+import timm.data
+import torch
+import torch.nn as nn
+from PIL import Image
+from timm.models import save_for_hf, split_model_name_tag
+
+from .data import load_rgb
+from .models import MODEL_CONFIGS, load_state_dict_file, unwrap_state_dict
+
+__all__ = [
+    'infer_num_classes',
+    'write_model_folder',
+    'load_model',
+    'convert_upstream',
+    'predict',
+    'format_predictions',
+    'export_onnx',
+    'export_torch',
+]
+
+_logger = logging.getLogger(__name__)
+
+CONFIG_NAME = 'config.json'
+WEIGHTS_NAME = 'model.safetensors'
+EMA_WEIGHTS_NAME = 'model_ema.safetensors'
+# weight files timm's local-dir loader picks before globbing (which could pick model_ema.safetensors instead)
+_FOLDER_WEIGHTS = (WEIGHTS_NAME, 'pytorch_model.bin', 'pytorch_model.pth', 'model.pth')
+_CLASSIFIER_KEYS = ('head.fc.weight', 'pred.weight')  # ours, upstream
+_TRANSFORM_KEYS = ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# model folders
+
+
+def _unwrap_module(model: nn.Module) -> nn.Module:
+    """Strip torch.compile and (Distributed)DataParallel wrappers."""
+    while True:
+        if hasattr(model, '_orig_mod'):
+            model = model._orig_mod
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            return model
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.iterdir():
+        if path.is_file():
+            with path.open('rb') as f:
+                os.fsync(f.fileno())
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. platforms that cannot open folders
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_model_folder(
+        model: nn.Module,
+        out_dir: str | Path,
+        model_args: dict,
+        label_names: Sequence[str] | None = None,
+        ema_state_dict: Mapping[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write ``model`` as a timm ``local-dir`` model folder, atomically.
+
+    Everything is written into a temporary folder beside ``out_dir`` and renamed into place; an existing
+    ``out_dir`` is replaced only once the new folder is complete. ``config.json`` gets ``model_args`` (constructor
+    kwargs that rebuild the architecture) and ``label_names``; ``ema_state_dict`` (same keys as the model) is saved
+    as ``model_ema.safetensors``. Returns the folder.
+    """
+    model = _unwrap_module(model)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f'cannot write a model folder to {out_dir}: it exists and is not a folder')
+    num_classes = getattr(model, 'num_classes', None)
+    if label_names is not None:
+        label_names = [str(n) for n in label_names]
+        if num_classes is not None and len(label_names) != num_classes:
+            raise ValueError(f'{len(label_names)} label_names given for a model with {num_classes} classes')
+    ema = None
+    if ema_state_dict is not None:
+        expected = model.state_dict()
+        ema = {k: v.detach().to('cpu').contiguous() for k, v in _unwrap_ema(ema_state_dict).items()}
+        missing = sorted(set(expected) - set(ema))
+        unexpected = sorted(set(ema) - set(expected))
+        shapes = [k for k in expected if k in ema and ema[k].shape != expected[k].shape]
+        if missing or unexpected or shapes:
+            raise ValueError(
+                f'ema_state_dict does not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}, '
+                f'different shapes {shapes[:8]}')
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tag = f'{os.getpid()}-{uuid.uuid4().hex[:8]}'
+    tmp = out_dir.parent / f'.{out_dir.name}.tmp-{tag}'
+    tmp.mkdir()
+    try:
+        model_config = dict(label_names=label_names) if label_names else None
+        save_for_hf(model, str(tmp), model_config=model_config, model_args=dict(model_args or {}),
+                    safe_serialization=True)
+        # make sure the two fields this project reads are at the top level, whatever timm's version does
+        cfg_file = tmp / CONFIG_NAME
+        cfg = json.loads(cfg_file.read_text())
+        cfg['model_args'] = {**json.loads(json.dumps(dict(model_args or {}))), **cfg.get('model_args', {})}
+        if label_names:
+            cfg['label_names'] = label_names
+        cfg_file.write_text(json.dumps(cfg, indent=2))
+        if ema is not None:
+            safetensors.torch.save_file(ema, str(tmp / EMA_WEIGHTS_NAME))
+        _fsync_tree(tmp)
+        if out_dir.exists():
+            old = out_dir.parent / f'.{out_dir.name}.old-{tag}'
+            os.replace(out_dir, old)
+            try:
+                os.replace(tmp, out_dir)
+            except BaseException:
+                os.replace(old, out_dir)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _unwrap_ema(state_dict: Mapping[str, torch.Tensor]) -> dict:
+    """Strip the 'module.' / '_orig_mod.' prefixes an EMA wrapper's state_dict may carry."""
+    out = {}
+    for k, v in state_dict.items():
+        for prefix in ('module.', '_orig_mod.'):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# loading
+
+
+def _known_models() -> list[str]:
+    return timm.list_models('conv2former*')
+
+
+def _check_model_name(model_name: str, source: str | Path | None = None) -> None:
+    base, _ = split_model_name_tag(model_name)
+    if base not in _known_models():
+        where = f' (from {source})' if source is not None else ''
+        raise ValueError(f'unknown model name {model_name!r}{where}; expected one of {", ".join(_known_models())}')
+
+
+def infer_num_classes(state_dict: Mapping[str, torch.Tensor]) -> int:
+    """Classifier outputs of an (unwrapped) checkpoint, ours or upstream layout; 0 when it has no classifier."""
+    for key in _CLASSIFIER_KEYS:
+        if key in state_dict:
+            return int(state_dict[key].shape[0])
+    return 0
+
+
+def _resolve_folder(path: Path) -> Path:
+    """A model folder, or the ``best/`` (else ``last/``) model folder of a run folder."""
+    if (path / CONFIG_NAME).is_file():
+        return path
+    for sub in ('best', 'last'):
+        if (path / sub / CONFIG_NAME).is_file():
+            return path / sub
+    raise FileNotFoundError(
+        f'{path} is neither a model folder (no {CONFIG_NAME}) nor a run folder (no best/{CONFIG_NAME} or '
+        f'last/{CONFIG_NAME}); expected a folder written by `conv2former train` / `conv2former convert`, '
+        f'or a weights file (.safetensors, .pth, .pth.tar) with a model name')
+
+
+def _drop_state_dict_ref(model: nn.Module) -> None:
+    """Release the weights a pretrained_cfg overlay keeps referenced (they are already copied into the model)."""
+    for attr in ('pretrained_cfg', 'default_cfg'):
+        cfg = getattr(model, attr, None)
+        if isinstance(cfg, dict):
+            cfg.pop('state_dict', None)
+
+
+def _label_names(model: nn.Module) -> list[str] | None:
+    names = (getattr(model, 'pretrained_cfg', None) or {}).get('label_names')
+    num_classes = getattr(model, 'num_classes', None)
+    if not names or not num_classes:
+        return None
+    if isinstance(names, Mapping):  # timm allows {index: name} when there are gaps
+        names = [str(names.get(str(i), names.get(i, i))) for i in range(num_classes)]
+    names = [str(n) for n in names]
+    return names if len(names) == num_classes else None
+
+
+def _load_folder(folder: Path, use_ema: bool, model_kwargs: dict) -> nn.Module:
+    cfg_file = folder / CONFIG_NAME
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f'cannot read {cfg_file}: {e}') from None
+    arch = cfg.get('architecture') if isinstance(cfg, dict) else None
+    if not arch:
+        raise ValueError(f'{cfg_file} names no architecture; expected a config.json written by timm save_for_hf')
+    _check_model_name(arch, cfg_file)
+    if not any((folder / name).is_file() for name in _FOLDER_WEIGHTS):
+        raise FileNotFoundError(f'{folder} has {CONFIG_NAME} but no weights: expected {WEIGHTS_NAME}')
+    model_kwargs = dict(model_kwargs)
+    if use_ema:
+        ema_file = folder / EMA_WEIGHTS_NAME
+        if not ema_file.is_file():
+            raise FileNotFoundError(f'use_ema: {folder} has no {EMA_WEIGHTS_NAME} (the run kept no EMA weights)')
+        # read the EMA file like any other weights file (safely, keys and shapes checked by checkpoint_filter_fn)
+        overlay = dict(model_kwargs.pop('pretrained_cfg_overlay', None) or {}, source='', file=str(ema_file))
+        model = timm.create_model(f'local-dir:{folder}', pretrained=True, pretrained_cfg_overlay=overlay,
+                                  **model_kwargs)
+        _drop_state_dict_ref(model)
+        return model
+    return timm.create_model(f'local-dir:{folder}', pretrained=True, **model_kwargs)
+
+
+def _load_weights_file(path: Path, model_name: str | None, use_ema: bool, model_kwargs: dict) -> nn.Module:
+    if not model_name:
+        raise ValueError(
+            f'{path} is a weights file: pass the model name it belongs to (one of {", ".join(_known_models())}); '
+            f'model folders and run folders need none')
+    _check_model_name(model_name)
+    raw = load_state_dict_file(path)
+    try:
+        state_dict = unwrap_state_dict(raw, use_ema=use_ema)
+    except ValueError as e:
+        raise ValueError(f'{path}: {e}') from None
+    if use_ema and not any(isinstance(raw.get(k), Mapping) for k in ('state_dict_ema', 'model_ema')):
+        raise ValueError(f'use_ema: {path} holds no EMA weights (no state_dict_ema / model_ema entry)')
+    model_kwargs = dict(model_kwargs)
+    overlay = dict(model_kwargs.pop('pretrained_cfg_overlay', None) or {})
+    overlay.update(file=str(path), state_dict=state_dict, num_classes=infer_num_classes(state_dict))
+    model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay, **model_kwargs)
+    _drop_state_dict_ref(model)
+    return model
+
+
+def load_model(
+        checkpoint: str | Path,
+        model_name: str | None = None,
+        use_ema: bool = False,
+        device: str | torch.device = 'cpu',
+        **model_kwargs: Any,
+) -> tuple[nn.Module, list[str] | None, dict]:
+    """Load a model for inference from a run folder, a model folder, or a weights file.
+
+    * run folder → its ``best/`` model folder, else ``last/``;
+    * model folder → ``timm.create_model('local-dir:<folder>', pretrained=True)``; ``use_ema`` loads
+      ``model_ema.safetensors`` instead (error if absent); ``model_name`` is not needed (config.json names it);
+    * weights file (``.safetensors`` / ``.pth`` / ``.pth.tar``, ours or upstream layout) → needs ``model_name``;
+      the number of classes is read from the file's classifier; ``use_ema`` picks the ``state_dict_ema`` entry of a
+      training checkpoint, otherwise its ``state_dict`` / ``model`` entry.
+
+    ``model_kwargs`` go to ``timm.create_model`` (e.g. dims/depths/kernel_size of a custom configuration).
+    Returns ``(model in eval mode on device, class names or None, data config)``.
+    """
+    path = Path(str(checkpoint).removeprefix('local-dir:'))
+    if not path.exists():
+        raise FileNotFoundError(f'checkpoint not found: {path}')
+    if path.is_dir():
+        folder = _resolve_folder(path)
+        if model_name:
+            arch = json.loads((folder / CONFIG_NAME).read_text()).get('architecture')
+            if arch and split_model_name_tag(model_name)[0] != arch:
+                _logger.warning('%s holds a %s model; ignoring model name %s', folder, arch, model_name)
+        model = _load_folder(folder, use_ema, model_kwargs)
+    else:
+        model = _load_weights_file(path, model_name, use_ema, model_kwargs)
+    model = model.to(device).eval()
+    data_config = timm.data.resolve_data_config(model=model)
+    return model, _label_names(model), data_config
+
+
+def _architecture_args(model_name: str, model_kwargs: dict) -> dict:
+    """Constructor kwargs that rebuild ``model_name``: the variant's dims/depths/kernel, then ``model_kwargs``."""
+    base = split_model_name_tag(model_name)[0]
+    args = {}
+    if base in MODEL_CONFIGS:
+        dims, depths, kernel_size = MODEL_CONFIGS[base]
+        args = dict(dims=list(dims), depths=list(depths), kernel_size=kernel_size)
+    args.update({k: v for k, v in model_kwargs.items()
+                 if v is not None and k not in ('drop_rate', 'drop_path_rate', 'pretrained_cfg_overlay')})
+    return args
+
+
+def convert_upstream(
+        src: str | Path,
+        out_dir: str | Path,
+        model_name: str,
+        label_names: Sequence[str] | None = None,
+        **model_kwargs: Any,
+) -> Path:
+    """Convert an upstream checkpoint (``.pth`` / ``.pth.tar`` / ``.safetensors``) into a model folder.
+
+    Wrapped checkpoints (``state_dict`` / ``state_dict_ema`` / ``model``, ``module.`` prefixes) are unwrapped
+    (EMA weights first, timm's rule); upstream key names are mapped to ours. The number of classes comes from
+    the checkpoint's classifier. ``model_kwargs`` (e.g. dims/depths/kernel_size of a custom configuration) build
+    the model and are recorded in ``model_args``. A checkpoint that does not fit raises the ValueError of
+    ``checkpoint_filter_fn`` listing the mismatching keys. Returns the folder (readable by :func:`load_model`
+    and ``timm.create_model('local-dir:<folder>', pretrained=True)``).
+    """
+    src = Path(src)
+    _check_model_name(model_name)
+    raw = load_state_dict_file(src)
+    try:
+        num_classes = infer_num_classes(unwrap_state_dict(raw, use_ema=True))
+    except ValueError as e:
+        raise ValueError(f'{src}: {e}') from None
+    model_kwargs = dict(model_kwargs)
+    requested = model_kwargs.pop('num_classes', None)
+    if requested is not None and requested != num_classes:
+        raise ValueError(f'{src} has a {num_classes}-class classifier, num_classes={requested} was requested')
+    overlay = dict(model_kwargs.pop('pretrained_cfg_overlay', None) or {})
+    overlay.update(file=str(src), state_dict=raw, num_classes=num_classes)
+    model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay, **model_kwargs)
+    _drop_state_dict_ref(model)
+    del raw
+    model_args = dict(_architecture_args(model_name, model_kwargs), num_classes=num_classes,
+                      in_chans=getattr(model, 'in_chans', 3))
+    return write_model_folder(model.eval(), out_dir, model_args=model_args, label_names=label_names)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# prediction
+
+
+def _open_rgb(path: Path) -> Image.Image:
+    try:
+        return load_rgb(path)
+    except OSError as e:
+        raise ValueError(str(e)) from None
+
+
+@torch.no_grad()
+def predict(
+        model: nn.Module,
+        images: Sequence[str | Path],
+        data_config: dict,
+        class_names: Sequence[str] | None = None,
+        topk: int = 5,
+        batch_size: int = 32,
+        device: str | torch.device = 'cpu',
+) -> list[dict]:
+    """Classify image files with timm's eval transform (resize, center crop, normalize from ``data_config``).
+
+    The model is moved to ``device`` and run in eval mode (its training flag is restored afterwards). Returns, per
+    image, ``{"image": str, "top": [{"label", "index", "prob"}, ...]}`` sorted by decreasing probability. A missing
+    or unreadable image raises a ValueError naming it.
+    """
+    if topk < 1:
+        raise ValueError(f'topk must be >= 1, got {topk}')
+    if batch_size < 1:
+        raise ValueError(f'batch_size must be >= 1, got {batch_size}')
+    transform = timm.data.create_transform(**{k: data_config[k] for k in _TRANSFORM_KEYS if k in data_config})
+    was_training = model.training
+    model.to(device).eval()
+    results = []
+    try:
+        for start in range(0, len(images), batch_size):
+            paths = [Path(p) for p in images[start:start + batch_size]]
+            batch = torch.stack([transform(_open_rgb(p)) for p in paths]).to(device)
+            logits = model(batch)
+            if logits.ndim != 2:
+                raise ValueError(f'the model returns {tuple(logits.shape)}, expected (batch, classes) logits')
+            num_classes = logits.shape[1]
+            if class_names is not None and len(class_names) != num_classes:
+                raise ValueError(f'{len(class_names)} class names for a model with {num_classes} outputs')
+            probs = logits.float().softmax(dim=1)
+            top_p, top_i = probs.topk(min(topk, num_classes), dim=1)
+            for path, ps, idxs in zip(paths, top_p.tolist(), top_i.tolist()):
+                results.append(dict(image=str(path), top=[
+                    dict(label=str(class_names[i]) if class_names is not None else str(i), index=int(i), prob=float(p))
+                    for p, i in zip(ps, idxs)]))
+    finally:
+        model.train(was_training)
+    return results
+
+
+def format_predictions(results: list[dict]) -> str:
+    """Plain-text table (image, rank, label, index, probability), one row per prediction."""
+    header = ('image', 'rank', 'label', 'index', 'prob')
+    rows = [(r['image'], str(rank), str(t['label']), str(t['index']), f'{t["prob"]:.4f}')
+            for r in results for rank, t in enumerate(r['top'], 1)]
+    widths = [max(len(row[c]) for row in [header, *rows]) for c in range(len(header))]
+    right = (False, True, False, True, True)
+
+    def fmt(row):
+        return '  '.join(v.rjust(w) if r else v.ljust(w) for v, w, r in zip(row, widths, right)).rstrip()
+
+    return '\n'.join([fmt(header), '  '.join('-' * w for w in widths)] + [fmt(row) for row in rows])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# export
+
+
+def _example(model: nn.Module, batch: int, in_chans: int, img_size: int) -> torch.Tensor:
+    param = next(model.parameters(), None)
+    dev = param.device if param is not None else torch.device('cpu')
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    return torch.randn(batch, in_chans, img_size, img_size, device=dev, dtype=dtype)
+
+
+def export_onnx(
+        model: nn.Module,
+        path: str | Path,
+        img_size: int,
+        in_chans: int = 3,
+        check: bool = True,
+        dynamic_batch: bool = True,
+) -> Path:
+    """Export to ONNX: the dynamo exporter first, the legacy TorchScript exporter only if that fails.
+
+    Which exporter was used is logged (a warning with the dynamo error on fallback). With ``check`` and
+    onnxruntime installed, outputs on a random batch must agree to 1e-3 (RuntimeError with the difference
+    otherwise). Input ``input`` (N, C, H, W), output ``logits``; the batch dimension is dynamic if asked.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = _unwrap_module(model)
+    was_training = model.training
+    model.eval()
+    try:
+        example = _example(model, 2, in_chans, img_size)  # batch 2: a batch of 1 would be specialised
+        names = dict(input_names=['input'], output_names=['logits'])
+        # weights go into the .onnx file itself unless they approach protobuf's 2 GB limit
+        large = sum(t.numel() * t.element_size() for t in model.state_dict().values()) > 1.5e9
+        try:
+            shapes = ({0: torch.export.Dim('batch', min=1)},) if dynamic_batch else None
+            with warnings.catch_warnings():
+                warnings.simplefilter('ignore')
+                torch.onnx.export(model, (example,), str(path), dynamo=True, dynamic_shapes=shapes, verbose=False,
+                                  external_data=large, **names)
+            exporter = 'dynamo'
+        except Exception as dynamo_error:  # noqa: BLE001 - any exporter failure triggers the fallback
+            msg = f'{type(dynamo_error).__name__}: {str(dynamo_error).splitlines()[0] if str(dynamo_error) else ""}'
+            warnings.warn(f'dynamo ONNX export failed ({msg}); falling back to the TorchScript exporter')
+            for leftover in (path, path.with_name(path.name + '.data')):
+                leftover.unlink(missing_ok=True)
+            axes = {'input': {0: 'batch'}, 'logits': {0: 'batch'}} if dynamic_batch else None
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter('ignore')
+                    torch.onnx.export(model, (example,), str(path), dynamo=False, dynamic_axes=axes,
+                                      opset_version=17, **names)
+            except Exception as legacy_error:
+                raise RuntimeError(f'ONNX export failed with both exporters: dynamo: {msg}; '
+                                   f'TorchScript: {type(legacy_error).__name__}: {legacy_error}') from legacy_error
+            exporter = 'torchscript'
+        _logger.info('exported %s with the %s ONNX exporter', path, exporter)
+
+        if check:
+            try:
+                import onnxruntime as ort
+            except ImportError:
+                _logger.warning('onnxruntime is not installed: %s was not checked', path)
+                return path
+            x = _example(model, 3 if dynamic_batch else 2, in_chans, img_size)
+            expected = model(x).detach().float().cpu().numpy()
+            session = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+            got = session.run(None, {session.get_inputs()[0].name: x.float().cpu().numpy()})[0]
+            diff = float(np.abs(got - expected).max()) if got.shape == expected.shape else float('inf')
+            if not diff < 1e-3:
+                raise RuntimeError(f'ONNX model {path} ({exporter} exporter) disagrees with PyTorch: max abs diff '
+                                   f'{diff:.3g} (shapes {got.shape} vs {expected.shape})')
+            _logger.info('onnxruntime check passed (max abs diff %.2e)', diff)
+    finally:
+        model.train(was_training)
+    return path
+
+
+def export_torch(model: nn.Module, path: str | Path, img_size: int, in_chans: int = 3) -> Path:
+    """Export with ``torch.export`` (dynamic batch when possible, else static) and save a ``.pt2`` file.
+
+    The saved program is reloaded with ``torch.export.load`` and must match the model to 1e-4 (RuntimeError
+    otherwise). Load it with ``torch.export.load(path).module()``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = _unwrap_module(model)
+    was_training = model.training
+    model.eval()
+    try:
+        example = _example(model, 2, in_chans, img_size)
+        with torch.no_grad():
+            try:
+                program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim('batch')},))
+                dynamic = True
+            except Exception as e:  # noqa: BLE001
+                _logger.warning('dynamic-batch torch.export failed (%s); exporting with a fixed batch of 2', e)
+                program = torch.export.export(model, (example,))
+                dynamic = False
+        torch.export.save(program, str(path))
+        loaded = torch.export.load(str(path))
+        x = _example(model, 3 if dynamic else 2, in_chans, img_size)
+        with torch.no_grad():
+            expected = model(x)
+            got = loaded.module()(x)
+        diff = float((got - expected).abs().max())
+        if not diff < 1e-4:
+            raise RuntimeError(f'reloaded program {path} disagrees with the model: max abs diff {diff:.3g}')
+    finally:
+        model.train(was_training)
+    return path
