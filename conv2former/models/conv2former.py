@@ -71,6 +71,8 @@ class Conv2Former(Conv2FormerBase):
             (rescaled into (0, 1]) (paper Table 6).
         attn_act: GELU between W1 and the depthwise conv (upstream); False = the paper's formula.
         mlp_dwconv: The MLP's residual 3x3 depthwise conv (upstream); False = the paper's text.
+        kernels: Backend of the k x k depthwise conv: None (auto: Triton on CUDA, PyTorch otherwise, or
+            ``$CONV2FORMER_KERNELS``), ``'torch'`` or ``'triton'``. Weights and outputs are the same either way.
         stem: ``'conv3'`` upstream 3-conv stem (default) or ``'patch'`` ConvNeXt-style 4x4 patchify stem.
         head: ``'conv'`` upstream head (1x1 conv to ``head_hidden_size`` → GELU → LN, then pool → fc) or
             ``'norm'`` (pool → LN → fc).
@@ -95,6 +97,7 @@ class Conv2Former(Conv2FormerBase):
             weighting: str = 'none',
             attn_act: bool = True,
             mlp_dwconv: bool = True,
+            kernels: Optional[str] = None,
             stem: str = 'conv3',
             head: str = 'conv',
             head_hidden_size: int = 1280,
@@ -134,6 +137,7 @@ class Conv2Former(Conv2FormerBase):
                 weighting=weighting,
                 attn_act=attn_act,
                 mlp_dwconv=mlp_dwconv,
+                kernels=kernels,
                 **dd,
             ))
             prev_chs = dims[i]

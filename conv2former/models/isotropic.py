@@ -30,7 +30,7 @@ class Conv2FormerIsotropic(Conv2FormerBase):
         depth: Number of blocks (18 in the paper).
         dim: Width of every block.
         patch_size: Stride of the stem (16).
-        kernel_size, mlp_ratio, ls_init_value, fusion, weighting, attn_act, mlp_dwconv: as in ``Conv2Former``.
+        kernel_size, mlp_ratio, ls_init_value, fusion, weighting, attn_act, mlp_dwconv, kernels: as in ``Conv2Former``.
         stem: ``'patch'`` (default, conv patch_size x patch_size → LN) or ``'conv3'`` (3-conv patch embedding).
         head: ``'norm'`` (default, pool → LN → fc) or ``'conv'`` (upstream-style 1x1 conv head).
     """
@@ -51,6 +51,7 @@ class Conv2FormerIsotropic(Conv2FormerBase):
             weighting: str = 'none',
             attn_act: bool = True,
             mlp_dwconv: bool = True,
+            kernels: Optional[str] = None,
             stem: str = 'patch',
             head: str = 'norm',
             head_hidden_size: int = 1280,
@@ -83,6 +84,7 @@ class Conv2FormerIsotropic(Conv2FormerBase):
                 weighting=weighting,
                 attn_act=attn_act,
                 mlp_dwconv=mlp_dwconv,
+                kernels=kernels,
                 **dd,
             )
             for i in range(depth)

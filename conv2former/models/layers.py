@@ -8,7 +8,10 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from timm.layers import DropPath, LayerNorm2d, LayerScale2d, SelectAdaptivePool2d, register_notrace_function
+from timm.layers import (DropPath, LayerNorm2d, LayerScale2d, SelectAdaptivePool2d, register_notrace_function,
+                         register_notrace_module)
+
+from ..ops import dwconv2d
 
 FUSIONS = ('mul', 'sum')
 WEIGHTINGS = ('none', 'sigmoid', 'l1', 'minmax')
@@ -74,6 +77,27 @@ def weight_modulation(a: torch.Tensor, weighting: str) -> torch.Tensor:
     raise ValueError(f'weighting must be one of {WEIGHTINGS}, got {weighting!r}')
 
 
+KERNELS = (None, 'torch', 'triton')
+
+
+@register_notrace_module  # its backend choice reads the device: a leaf for FX tracing
+class DepthwiseConv2d(nn.Conv2d):
+    """Depthwise k x k conv with "same" padding that runs ``conv2former.ops.dwconv2d``: the Triton kernel on CUDA
+    (or when forced), ``F.conv2d`` otherwise. Parameters and state-dict keys are those of ``nn.Conv2d``.
+
+    Args:
+        kernels: ``None`` (automatic: ``$CONV2FORMER_KERNELS`` or the device decides), ``'torch'`` or ``'triton'``.
+    """
+
+    def __init__(self, dim: int, kernel_size: int, kernels: Optional[str] = None, device=None, dtype=None):
+        check_choice('kernels', kernels, KERNELS)
+        super().__init__(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim, device=device, dtype=dtype)
+        self.kernels = kernels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dwconv2d(x, self.weight, self.bias, backend=self.kernels)
+
+
 class ConvModulation(nn.Module):
     """Convolutional modulation: Z = W3 · (DWConv_k(act(W1·X)) ⊙ W2·X).
 
@@ -83,6 +107,7 @@ class ConvModulation(nn.Module):
         fusion: ``'mul'`` (Hadamard product, upstream and paper) or ``'sum'`` (A + V, paper Fig. 4b ablation).
         weighting: How A is weighted before fusion, see ``weight_modulation`` (paper Table 6).
         attn_act: GELU between W1 and the depthwise conv (upstream code); False gives the paper's formula.
+        kernels: Backend of the depthwise conv, see ``DepthwiseConv2d``.
     """
 
     def __init__(
@@ -92,6 +117,7 @@ class ConvModulation(nn.Module):
             fusion: str = 'mul',
             weighting: str = 'none',
             attn_act: bool = True,
+            kernels: Optional[str] = None,
             act_layer=nn.GELU,
             device=None,
             dtype=None,
@@ -105,7 +131,7 @@ class ConvModulation(nn.Module):
         self.weighting = weighting
         self.a_proj = nn.Conv2d(dim, dim, 1, **dd)
         self.a_act = act_layer() if attn_act else nn.Identity()
-        self.dwconv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim, **dd)
+        self.dwconv = DepthwiseConv2d(dim, kernel_size, kernels=kernels, **dd)
         self.v_proj = nn.Conv2d(dim, dim, 1, **dd)
         self.proj = nn.Conv2d(dim, dim, 1, **dd)
 
@@ -164,6 +190,7 @@ class Conv2FormerBlock(nn.Module):
             weighting: str = 'none',
             attn_act: bool = True,
             mlp_dwconv: bool = True,
+            kernels: Optional[str] = None,
             act_layer=nn.GELU,
             norm_layer=LayerNorm2d,
             device=None,
@@ -172,7 +199,7 @@ class Conv2FormerBlock(nn.Module):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
         self.norm1 = norm_layer(dim, **dd)
-        self.attn = ConvModulation(dim, kernel_size, fusion, weighting, attn_act, act_layer=act_layer, **dd)
+        self.attn = ConvModulation(dim, kernel_size, fusion, weighting, attn_act, kernels, act_layer=act_layer, **dd)
         self.ls1 = LayerScale2d(dim, ls_init_value, **dd) if ls_init_value is not None else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = norm_layer(dim, **dd)

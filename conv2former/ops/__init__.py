@@ -18,31 +18,34 @@ KERNELS_ENV = 'CONV2FORMER_KERNELS'
 _BACKENDS = ('torch', 'triton')
 
 
-def kernel_backend(x: Tensor) -> Literal['triton', 'torch']:
-    """The backend ``dwconv2d`` uses for ``x``: ``$CONV2FORMER_KERNELS`` if set, else Triton on CUDA when available.
+def kernel_backend(x: Tensor, forced: Optional[str] = None) -> Literal['triton', 'torch']:
+    """The backend ``dwconv2d`` uses for ``x``: ``forced`` if given (a model's ``kernels`` keyword), else
+    ``$CONV2FORMER_KERNELS`` if set, else Triton on CUDA when available.
 
     Raises:
         ValueError: the variable holds something other than ``torch``/``triton``.
         RuntimeError: Triton is forced but not installed, or forced for a non-CUDA tensor without
             ``TRITON_INTERPRET=1``.
     """
-    forced = os.environ.get(KERNELS_ENV, '').strip().lower()
+    source = 'kernels' if forced else KERNELS_ENV
+    forced = (forced or os.environ.get(KERNELS_ENV, '')).strip().lower()
     if forced and forced not in _BACKENDS:
-        raise ValueError(f'{KERNELS_ENV} must be one of {", ".join(_BACKENDS)} (or unset), got {forced!r}')
+        raise ValueError(f'{source} must be one of {", ".join(_BACKENDS)} (or unset), got {forced!r}')
     if forced == 'torch':
         return 'torch'
     if forced == 'triton':
         if not triton_available():
-            raise RuntimeError(f'{KERNELS_ENV}=triton but triton is not installed')
+            raise RuntimeError(f'{source}=triton but triton is not installed')
         if not x.is_cuda and not interpreter_enabled():
-            raise RuntimeError(f'{KERNELS_ENV}=triton for a tensor on {x.device} needs the Triton interpreter: '
+            raise RuntimeError(f'{source}=triton for a tensor on {x.device} needs the Triton interpreter: '
                                'set TRITON_INTERPRET=1 (or use a CUDA tensor)')
         return 'triton'
     return 'triton' if x.is_cuda and triton_available() else 'torch'
 
 
-def dwconv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """Depthwise conv with "same" padding: ``F.conv2d(x, weight, bias, padding=k // 2, groups=C)`` on either backend."""
-    if kernel_backend(x) == 'triton':
+def dwconv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, backend: Optional[str] = None) -> Tensor:
+    """Depthwise conv with "same" padding: ``F.conv2d(x, weight, bias, padding=k // 2, groups=C)`` on either backend
+    (``backend`` forces one, see ``kernel_backend``)."""
+    if kernel_backend(x, backend) == 'triton':
         return depthwise_conv2d(x, weight, bias)
     return F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2, groups=x.shape[1])
