@@ -23,7 +23,8 @@ import timm.data
 import torch
 import torch.nn as nn
 from PIL import Image
-from timm.models import save_for_hf, split_model_name_tag
+from timm.models import split_model_name_tag
+from timm.models._hub import save_config_for_hf
 
 from .data import load_rgb
 from .models import MODEL_CONFIGS, load_state_dict_file, unwrap_state_dict
@@ -121,8 +122,11 @@ def write_model_folder(
     tmp.mkdir()
     try:
         model_config = dict(label_names=label_names) if label_names else None
-        save_for_hf(model, str(tmp), model_config=model_config, model_args=dict(model_args or {}),
-                    safe_serialization=True)
+        save_config_for_hf(model, str(tmp / CONFIG_NAME), model_config=model_config,
+                           model_args=dict(model_args or {}))
+        # weights of a channels_last model are strided: safetensors stores contiguous tensors only
+        weights = {k: v.detach().to('cpu').contiguous() for k, v in model.state_dict().items()}
+        safetensors.torch.save_file(weights, str(tmp / WEIGHTS_NAME))
         # make sure the two fields this project reads are at the top level, whatever timm's version does
         cfg_file = tmp / CONFIG_NAME
         cfg = json.loads(cfg_file.read_text())

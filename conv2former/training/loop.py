@@ -1,0 +1,398 @@
+"""``conv2former train``: one readable loop over timm's data pipeline, optimizers, schedulers, mixup and EMA.
+
+Runs on one CPU, one GPU, or many processes under ``torchrun`` (DDP). Every random draw is seeded from
+(seed, rank, epoch, batch/sample index), so an interrupted run resumed from a checkpoint continues bit-for-bit
+(on CPU) where it stopped.
+"""
+import argparse
+import contextlib
+import csv
+import io
+import json
+import logging
+import os
+import random
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import timm
+import torch
+import torch.nn as nn
+import yaml
+from timm.data import Mixup, create_transform, resolve_data_config
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+from torch.nn.parallel import DistributedDataParallel
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
+
+from ..data import build_datasets, resolve_data_dir
+from ..evaluate import evaluate, save_confusion_matrix_png, write_results
+from ..fileio import atomic_write_text
+from ..inference import infer_num_classes, write_model_folder
+from ..models import load_state_dict_file, unwrap_state_dict
+from ..report import write_report
+from .checkpoint import (checkpoint_name, find_resume_checkpoint, list_checkpoints, load_train_state, rng_state,
+                         save_checkpoint, set_rng_state)
+from .distributed import DistEnv, cleanup_distributed, init_distributed
+
+_logger = logging.getLogger('conv2former.train')
+AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([abs(int(p)) for p in parts]).generate_state(1)[0]) & 0x7FFFFFFF
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class SeededDataset(Dataset):
+    """Seeds every RNG per (seed, epoch, index) before the transform: augmentation is the same whatever the
+    number of workers, and after a resume."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        seed_all(_seed(self.seed, self.epoch, index))
+        return self.dataset[index]
+
+
+def _write_metrics(run_dir: Path, history: list, lr_points: list) -> None:
+    atomic_write_text(run_dir / 'metrics.jsonl', ''.join(json.dumps(row) + '\n' for row in history))
+    buf = io.StringIO()
+    if history:
+        writer = csv.DictWriter(buf, fieldnames=list(history[-1]))
+        writer.writeheader()
+        writer.writerows(history)
+    atomic_write_text(run_dir / 'metrics.csv', buf.getvalue())
+    atomic_write_text(run_dir / 'lr_schedule.jsonl', ''.join(json.dumps(dict(step=s, lr=lr)) + '\n' for s, lr in lr_points))
+
+
+def _pretrained_overlay(path: Path) -> dict:
+    """timm pretrained_cfg_overlay for a model folder or a weights file (ours or upstream), read without unpickling;
+    its num_classes tells timm whether to re-initialise the classifier."""
+    path = Path(path)
+    state_dict = unwrap_state_dict(load_state_dict_file(path / 'model.safetensors' if path.is_dir() else path))
+    return dict(state_dict=state_dict, num_classes=infer_num_classes(state_dict))
+
+
+def resolve_lr(cfg: argparse.Namespace, world_size: int) -> float:
+    """--lr if given, else the paper's linear rule: blr x global batch / 1024."""
+    if cfg.lr is not None:
+        return cfg.lr
+    return cfg.blr * cfg.batch_size * cfg.grad_accum_steps * world_size / 1024
+
+
+def build_model(cfg: argparse.Namespace, num_classes: int) -> nn.Module:
+    kwargs = dict(cfg.model_kwargs, num_classes=num_classes, drop_path_rate=cfg.drop_path, drop_rate=cfg.drop)
+    if cfg.pretrained:
+        kwargs.update(pretrained=True, pretrained_cfg_overlay=_pretrained_overlay(cfg.pretrained))
+    if not timm.is_model(cfg.model):
+        raise ValueError(f'unknown model {cfg.model!r}; registered Conv2Former models: '
+                         f'{timm.list_models("conv2former*")}')
+    return timm.create_model(cfg.model, **kwargs)
+
+
+def _run_dir(cfg: argparse.Namespace, resume_from: Optional[Path]) -> Path:
+    if resume_from is not None:
+        return resume_from.parent.parent  # <run>/checkpoints/<name>
+    name = cfg.experiment or f'{cfg.model}-{datetime.now():%Y%m%d-%H%M%S}'
+    return cfg.output / name
+
+
+def _config_dict(cfg: argparse.Namespace) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
+            for k, v in sorted(vars(cfg).items()) if k not in ('func', 'command')}
+
+
+def _tensorboard(run_dir: Path, env: DistEnv):
+    """A TensorBoard writer on rank 0 when the tensorboard package is installed, else None."""
+    if not env.is_main:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(run_dir / 'tensorboard'))
+
+
+def _setup_logging(run_dir: Path, env: DistEnv) -> None:
+    if not env.is_main:
+        return
+    handler = logging.FileHandler(run_dir / 'log.txt')
+    handler.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(name)s: %(message)s'))
+    root = logging.getLogger('conv2former')
+    root.setLevel(logging.INFO)
+    root.addHandler(handler)
+
+
+def train(cfg: argparse.Namespace) -> dict:
+    """Train, evaluate every ``--eval-every`` epochs, checkpoint, and write the run's report. Returns final metrics."""
+    env = init_distributed(cfg.device)
+    try:
+        return _train(cfg, env)
+    finally:
+        cleanup_distributed()
+
+
+def _train(cfg: argparse.Namespace, env: DistEnv) -> dict:
+    device = env.device
+    resume_from = find_resume_checkpoint(cfg.resume) if cfg.resume else None
+    state = load_train_state(resume_from) if resume_from else None
+    if state is not None and state['model'] != cfg.model:
+        raise ValueError(f'--resume {resume_from} is a {state["model"]} run, but --model is {cfg.model}')
+    run_dir = _run_dir(cfg, resume_from)
+    if resume_from is None and list_checkpoints(run_dir):
+        raise ValueError(f'{run_dir} already holds a run: continue it with --resume {run_dir}, or choose another '
+                         f'--experiment / --output')
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / 'config.yaml', yaml.safe_dump(_config_dict(cfg), sort_keys=True))
+    env.barrier()
+    _setup_logging(run_dir, env)
+    seed_all(_seed(cfg.seed, env.rank))
+
+    # data: rank 0 extracts an archive first, the others then find it in the cache
+    if env.is_main:
+        data_dir = resolve_data_dir(cfg.data)
+    env.barrier()
+    if not env.is_main:
+        data_dir = resolve_data_dir(cfg.data)
+    probe_train, _, class_names = build_datasets(data_dir, strict=cfg.strict)
+    model = build_model(cfg, num_classes=len(class_names))
+    data_config = resolve_data_config(
+        dict(img_size=cfg.img_size, interpolation=cfg.interpolation), model=model, verbose=env.is_main)
+    train_tf = create_transform(
+        **data_config, is_training=True, scale=cfg.scale, hflip=cfg.hflip, color_jitter=cfg.color_jitter,
+        auto_augment=cfg.aa, re_prob=cfg.reprob, re_mode='pixel', re_count=1)
+    eval_tf = create_transform(**data_config)
+    # saved with every model folder: validate/predict then preprocess exactly as this run evaluated
+    model.pretrained_cfg = dict(model.pretrained_cfg, num_classes=len(class_names), **data_config)
+    train_ds, val_ds, class_names = build_datasets(data_dir, train_tf, eval_tf, strict=cfg.strict)
+    for skipped_path, reason in train_ds.skipped + val_ds.skipped:
+        _logger.warning('skipped %s: %s', skipped_path, reason)
+    if train_ds.num_skipped or val_ds.num_skipped:
+        _logger.warning('skipped %d unreadable images (%d train, %d val); --strict fails instead',
+                        train_ds.num_skipped + val_ds.num_skipped, train_ds.num_skipped, val_ds.num_skipped)
+    del probe_train
+    seeded_train = SeededDataset(train_ds, cfg.seed)
+
+    global_batch = cfg.batch_size * cfg.grad_accum_steps * env.world_size
+    micro_per_epoch = len(train_ds) // (cfg.batch_size * env.world_size)
+    steps_per_epoch = micro_per_epoch // cfg.grad_accum_steps
+    if steps_per_epoch < 1:
+        raise ValueError(f'{len(train_ds)} training images make no full step of global batch {global_batch} '
+                         f'(-b {cfg.batch_size} x {env.world_size} processes x {cfg.grad_accum_steps} accumulation): '
+                         f'lower -b or --grad-accum-steps')
+    micro_per_epoch = steps_per_epoch * cfg.grad_accum_steps
+    lr = resolve_lr(cfg, env.world_size)
+
+    # model, optimizer, schedule, loss
+    if cfg.sync_bn:
+        if device.type != 'cuda':
+            raise ValueError('--sync-bn needs CUDA (PyTorch has no CPU SyncBatchNorm); drop it on CPU, or use '
+                             '--model-kwargs stem=patch for a model without BatchNorm')
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay,
+                                    layer_decay=cfg.layer_decay)
+    scheduler, num_epochs = create_scheduler_v2(
+        optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=int(cfg.warmup_epochs),
+        warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, cooldown_epochs=cfg.cooldown_epochs, step_on_epochs=False,
+        updates_per_epoch=steps_per_epoch)
+    amp_dtype = AMP_DTYPES.get(cfg.amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == 'fp16')
+    ema = ModelEmaV3(model, decay=cfg.model_ema_decay) if cfg.model_ema else None
+    mixup = None
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, switch_prob=cfg.mixup_switch_prob,
+                      label_smoothing=cfg.smoothing, num_classes=len(class_names))
+        criterion = SoftTargetCrossEntropy()
+    elif cfg.smoothing > 0:
+        criterion = LabelSmoothingCrossEntropy(smoothing=cfg.smoothing)
+    else:
+        criterion = nn.CrossEntropyLoss()
+    model_args = dict(cfg.model_kwargs, num_classes=len(class_names))
+
+    # resume
+    start_epoch, start_batch, step, history, lr_points, best = 0, 0, 0, [], [], None
+    if state is not None:
+        if state['next_batch'] and (state['world_size'], state['batch_size']) != (env.world_size, cfg.batch_size):
+            raise ValueError(
+                f'{resume_from} stopped mid-epoch with {state["world_size"]} processes x -b {state["batch_size"]}; '
+                f'resume it with the same (got {env.world_size} x {cfg.batch_size}) or from an epoch-end checkpoint')
+        model.load_state_dict(load_file(str(resume_from / 'model.safetensors'), device=str(device)))
+        if ema is not None:
+            ema_file = resume_from / 'model_ema.safetensors'
+            if ema_file.is_file():
+                ema.module.load_state_dict(load_file(str(ema_file), device=str(device)))
+        optimizer.load_state_dict(state['optimizer'])
+        scheduler.load_state_dict(state['scheduler'])
+        scaler.load_state_dict(state['scaler'])
+        start_epoch, start_batch, step = state['epoch'], state['next_batch'], state['step']
+        history, lr_points, best = state['history'], [tuple(p) for p in state['lr_points']], state['best']
+        set_rng_state(state['rng'])
+        _logger.info('resumed from %s at epoch %d, batch %d, step %d', resume_from, start_epoch, start_batch, step)
+
+    if cfg.compile:
+        model = torch.compile(model, backend='inductor' if cfg.compile is True else cfg.compile)
+    train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None) \
+        if env.distributed else model
+    bare_model = model._orig_mod if hasattr(model, '_orig_mod') else model
+
+    sampler = DistributedSampler(seeded_train, num_replicas=env.world_size, rank=env.rank, shuffle=True,
+                                 seed=cfg.seed, drop_last=True)
+    val_sampler = DistributedSampler(val_ds, num_replicas=env.world_size, rank=env.rank, shuffle=False) \
+        if env.distributed else None
+    val_loader = DataLoader(val_ds, batch_size=cfg.batch_size, sampler=val_sampler, num_workers=cfg.workers,
+                            pin_memory=device.type == 'cuda')
+    lr_every = max(1, num_epochs * steps_per_epoch // 1000)
+    show = env.is_main and cfg.progress
+    if env.is_main:
+        _logger.info('training %s on %s: %d classes, %d train / %d val images, %d steps/epoch, global batch %d, '
+                     'lr %.3g', cfg.model, data_dir, len(class_names), len(train_ds), len(val_ds), steps_per_epoch,
+                     global_batch, lr)
+
+    def checkpoint(epoch: int, next_batch: int) -> Path:
+        train_state = dict(
+            model=cfg.model, epoch=epoch, next_batch=next_batch, step=step, world_size=env.world_size,
+            batch_size=cfg.batch_size, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+            scaler=scaler.state_dict(), history=history, lr_points=[list(p) for p in lr_points], best=best,
+            rng=rng_state())
+        return save_checkpoint(run_dir, checkpoint_name(epoch, step), bare_model, model_args, class_names,
+                               train_state, ema.module.state_dict() if ema else None, keep=cfg.checkpoint_hist)
+
+    last_eval = None
+    tb = _tensorboard(run_dir, env)
+    for epoch in range(start_epoch, num_epochs):
+        seeded_train.epoch = epoch
+        sampler.set_epoch(epoch)
+        skip = start_batch if epoch == start_epoch else 0
+        indices = list(sampler)[skip * cfg.batch_size:micro_per_epoch * cfg.batch_size]
+        loader = DataLoader(seeded_train, batch_size=cfg.batch_size, sampler=indices, num_workers=cfg.workers,
+                            drop_last=True, pin_memory=device.type == 'cuda')
+        train_model.train()
+        loss_sum, loss_count, t0, seen = 0.0, 0, time.perf_counter(), 0
+        bar = tqdm(total=micro_per_epoch, initial=skip, disable=not show, desc=f'epoch {epoch + 1}/{num_epochs}',
+                   unit='batch', dynamic_ncols=True)
+        for i, (images, targets) in enumerate(loader, start=skip):
+            seed_all(_seed(cfg.seed, env.rank, epoch, i, 1))
+            images = images.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            if cfg.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            if mixup is not None:
+                images, targets = mixup(images, targets)
+            boundary = (i + 1) % cfg.grad_accum_steps == 0
+            sync = contextlib.nullcontext() if boundary or not env.distributed else train_model.no_sync()
+            try:
+                with sync:
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                        loss = criterion(train_model(images), targets)
+                    if not env.all_true(bool(torch.isfinite(loss))):
+                        last = find_resume_checkpoint(run_dir) if (run_dir / 'checkpoints').is_dir() else None
+                        raise TrainingDiverged(
+                            f'loss became {loss.item()} at epoch {epoch + 1}, batch {i + 1}, step {step} (lr '
+                            f'{optimizer.param_groups[0]["lr"]:.3g}); last good checkpoint: {last or "none yet"}. '
+                            f'Try a lower --lr/--blr, --clip-grad 1.0, or --amp bf16 instead of fp16.')
+                    scaler.scale(loss / cfg.grad_accum_steps).backward()
+            except torch.cuda.OutOfMemoryError:
+                raise RuntimeError(
+                    f'CUDA out of memory at batch size {cfg.batch_size} per process ({cfg.model}, '
+                    f'{images.shape[-1]}px, amp={cfg.amp}). Try -b {max(1, cfg.batch_size // 2)} --grad-accum-steps '
+                    f'{cfg.grad_accum_steps * 2} (same global batch), --grad-checkpointing, --amp bf16, '
+                    f'--channels-last.') from None
+            loss_sum += loss.item()
+            loss_count += 1
+            seen += images.shape[0] * env.world_size
+            bar.update(1)
+            if not boundary:
+                continue
+            if cfg.clip_grad is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            scheduler.step_update(num_updates=step)
+            if ema is not None:
+                ema.update(bare_model, step=step)
+            current_lr = optimizer.param_groups[0]['lr']
+            if step % lr_every == 0 or step == 1:
+                lr_points.append((step, current_lr))
+            rate = seen / max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix(loss=f'{loss_sum / loss_count:.4f}', lr=f'{current_lr:.2e}', img_s=f'{rate:.0f}')
+            if cfg.checkpoint_steps and step % cfg.checkpoint_steps == 0 and i + 1 < micro_per_epoch:
+                if env.is_main:
+                    checkpoint(epoch, i + 1)
+                env.barrier()
+        bar.close()
+        scheduler.step(epoch + 1)
+        epoch_time = time.perf_counter() - t0
+        row = dict(epoch=epoch, step=step, lr=optimizer.param_groups[0]['lr'],
+                   train_loss=env.all_reduce_mean(loss_sum / max(loss_count, 1)), val_loss=None, val_top1=None,
+                   val_top5=None, ema_top1=None, epoch_time=epoch_time, img_per_sec=seen / max(epoch_time, 1e-9))
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == num_epochs:
+            last_eval = evaluate(bare_model, val_loader, device, len(class_names), amp_dtype=amp_dtype,
+                                 channels_last=cfg.channels_last, distributed=env.distributed, progress=show)
+            row.update(val_loss=last_eval.loss, val_top1=last_eval.top1, val_top5=last_eval.top5)
+            if ema is not None:
+                ema_eval = evaluate(ema.module, val_loader, device, len(class_names), amp_dtype=amp_dtype,
+                                    channels_last=cfg.channels_last, distributed=env.distributed, progress=False)
+                row['ema_top1'] = ema_eval.top1
+        history.append(row)
+        if env.is_main:
+            _logger.info('epoch %d: %s', epoch + 1, json.dumps(row))
+            improved = row['val_top1'] is not None and (best is None or row['val_top1'] > best['val_top1'])
+            if improved:
+                best = dict(epoch=epoch, val_top1=row['val_top1'], val_top5=row['val_top5'])
+            checkpoint(epoch + 1, 0)
+            if improved:
+                write_model_folder(bare_model, run_dir / 'best', model_args, label_names=class_names,
+                                   ema_state_dict=ema.module.state_dict() if ema else None)
+            _write_metrics(run_dir, history, lr_points)
+            if tb is not None:
+                for key, value in row.items():
+                    if key != 'epoch' and value is not None:
+                        tb.add_scalar(key, value, epoch + 1)
+                tb.flush()
+        env.barrier()
+
+    if tb is not None:
+        tb.close()
+    final = dict(history[-1]) if history else {}
+    if best is not None:
+        final.update(best_epoch=best['epoch'], best_top1=best['val_top1'])
+    if env.is_main:
+        write_model_folder(bare_model, run_dir / 'last', model_args, label_names=class_names,
+                           ema_state_dict=ema.module.state_dict() if ema else None)
+        if last_eval is not None:
+            save_confusion_matrix_png(last_eval.confusion, class_names, run_dir / 'confusion_matrix.png')
+            write_results(last_eval, class_names, json_path=run_dir / 'results.json',
+                          extra=dict(model=cfg.model, img_size=data_config['input_size'][-1]))
+        write_report(run_dir, _config_dict(cfg), final)
+        _logger.info('run folder: %s', run_dir)
+    return dict(final, run_dir=str(run_dir))

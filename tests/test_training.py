@@ -1,0 +1,312 @@
+"""The training toolkit end to end: train → validate → predict, exact resume after SIGKILL, DDP, failures."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from conv2former.cli import build_parser, main
+from conv2former.training import parse_train_args
+from conv2former.training.checkpoint import find_resume_checkpoint, list_checkpoints, save_checkpoint
+from conv2former.training.loop import resolve_lr
+
+TINY_MODEL = ['--model', 'conv2former_n', '--model-kwargs', 'depths=[1,1,1,1]', '--model-kwargs',
+              'dims=[16,32,64,128]', '--img-size', '32', '-j', '0', '--no-progress']
+ENV = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')
+
+
+@pytest.fixture(scope='module')
+def toy_data(tmp_path_factory) -> Path:
+    """A tiny learnable ImageFolder: dark vs bright noisy squares, 2 classes x 24 train / 8 val images."""
+    root = tmp_path_factory.mktemp('toy')
+    rng = np.random.default_rng(0)
+    for split, n in (('train', 24), ('val', 8)):
+        for label, (cls, base) in enumerate((('dark', 60), ('bright', 190))):
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = np.clip(base + rng.normal(0, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f'{i}.png')
+    return root
+
+
+def _train_args(data, out, name, *extra):
+    return ['train', '--data', str(data), '--output', str(out), '--experiment', name, *TINY_MODEL, *extra]
+
+
+def _run_cli(argv, timeout=300):
+    result = subprocess.run([sys.executable, '-m', 'conv2former', *argv], env=ENV, capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _weights(run_dir: Path) -> dict:
+    return load_file(str(run_dir / 'last' / 'model.safetensors'))
+
+
+def test_train_validate_predict_on_the_bundled_dataset(tmp_path, capsys):
+    """Real data (bundled Fashion-MNIST subset): one epoch of a tiny model learns far above chance (10%)."""
+    assert main(['train', '--recipe', 'small', '--epochs', '1', '-b', '64', '--output', str(tmp_path),
+                 '--experiment', 'fm', *TINY_MODEL]) == 0
+    run = tmp_path / 'fm'
+    metrics = [json.loads(line) for line in (run / 'metrics.jsonl').read_text().splitlines()]
+    assert metrics[-1]['val_top1'] > 40
+    for name in ('report.md', 'metrics.csv', 'config.yaml', 'confusion_matrix.png', 'plots/loss.png',
+                 'plots/accuracy.png', 'plots/lr.png', 'best/model.safetensors', 'last/config.json'):
+        assert (run / name).is_file(), name
+    assert main(['validate', '--checkpoint', str(run), '--img-size', '32', '-j', '0']) == 0
+    results = json.loads((run / 'validate_results.json').read_text())
+    assert results['top1'] == pytest.approx(metrics[-1]['val_top1'], abs=0.01)
+    assert set(results['per_class_accuracy']) >= {'trouser', 'bag', 'ankle_boot'}
+    capsys.readouterr()
+    from conv2former.data import resolve_data_dir
+    image = next((resolve_data_dir(None) / 'val' / 'trouser').iterdir())
+    assert main(['predict', str(image), '--checkpoint', str(run), '--json', '--topk', '3']) == 0
+    predictions = json.loads(capsys.readouterr().out)
+    assert len(predictions[0]['top']) == 3
+    assert predictions[0]['top'][0]['label'] in json.loads((run / 'best' / 'config.json').read_text())['label_names']
+
+
+def test_resume_after_sigkill_gives_identical_weights(tmp_path, toy_data):
+    """N steps straight == killed mid-epoch (SIGKILL) + --resume, bit for bit on CPU (mixup + drop path on)."""
+    common = ['--epochs', '3', '-b', '4', '--checkpoint-steps', '2', '--mixup', '0.2', '--drop-path', '0.1',
+              '--warmup-epochs', '1', '--lr', '1e-3']
+    # every run in its own process with the same thread count: float reductions then happen in the same order
+    _run_cli(_train_args(toy_data, tmp_path, 'straight', *common))
+    cmd = [sys.executable, '-m', 'conv2former', *_train_args(toy_data, tmp_path, 'killed', *common)]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = tmp_path / 'killed'
+    deadline = time.time() + 120
+    while not any(p.name.startswith('epoch-0000-step-00000004') for p in list_checkpoints(run)):
+        assert proc.poll() is None and time.time() < deadline, 'the run ended before it could be killed'
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / 'last').exists(), 'the run finished before the kill: the test proved nothing'
+    resumed_from = find_resume_checkpoint(run)
+    _run_cli(_train_args(toy_data, tmp_path, 'killed', *common, '--resume', str(run)))
+    straight, resumed = _weights(tmp_path / 'straight'), _weights(run)
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight), f'diverged after resuming {resumed_from}'
+
+
+def test_two_process_torchrun_matches_one_process(tmp_path, toy_data):
+    """gloo DDP with 2 ranks x batch 4 == 1 process x batch 8 (no BatchNorm: patch stem; no drop path)."""
+    common = ['--epochs', '1', '--drop-path', '0', '--lr', '1e-3', '--warmup-epochs', '0', '--model-kwargs',
+              'stem=patch', '--smoothing', '0']
+    _run_cli(_train_args(toy_data, tmp_path, 'one', '-b', '8', *common))
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', '-m',
+           'conv2former', *_train_args(toy_data, tmp_path, 'two', '-b', '4', *common)]
+    result = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = _weights(tmp_path / 'one'), _weights(tmp_path / 'two')
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
+    history = [json.loads(line) for line in (tmp_path / 'two' / 'metrics.jsonl').read_text().splitlines()]
+    assert history[-1]['step'] == 48 // 8  # steps count global batches
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path, toy_data, monkeypatch, capsys):
+    from conv2former.training import loop
+    real = loop.LabelSmoothingCrossEntropy
+    calls = {'n': 0}
+
+    class Exploding(real):
+        def forward(self, x, target):
+            calls['n'] += 1
+            loss = super().forward(x, target)
+            return loss * float('nan') if calls['n'] > 15 else loss
+
+    monkeypatch.setattr(loop, 'LabelSmoothingCrossEntropy', Exploding)
+    rc = main(_train_args(toy_data, tmp_path, 'nan', '--epochs', '3', '-b', '4', '--lr', '1e-3'))
+    err = capsys.readouterr().err
+    assert rc == 3
+    assert 'loss became nan at epoch 2' in err and 'last good checkpoint' in err
+    kept = list_checkpoints(tmp_path / 'nan')
+    assert [p.name for p in kept] == ['epoch-0001-step-00000012'] and f'{kept[-1]}' in err
+    assert load_file(str(kept[-1] / 'model.safetensors'))  # intact and readable
+
+
+def test_a_crash_while_writing_never_corrupts_the_last_checkpoint(tmp_path, monkeypatch):
+    import timm
+    from conv2former.training import checkpoint as ckpt
+    model = timm.create_model('conv2former_n', depths=(1, 1, 1, 1), dims=(16, 16, 32, 32), num_classes=2)
+    good = save_checkpoint(tmp_path, 'epoch-0001-step-00000010', model, {}, ['a', 'b'], dict(step=10))
+
+    def crash(*args, **kwargs):
+        raise OSError('disk full')
+
+    monkeypatch.setattr(ckpt.torch, 'save', crash)
+    with pytest.raises(OSError, match='disk full'):
+        save_checkpoint(tmp_path, 'epoch-0002-step-00000020', model, {}, ['a', 'b'], dict(step=20))
+    monkeypatch.undo()
+    assert find_resume_checkpoint(tmp_path) == good
+    assert torch.load(good / 'train_state.pt', weights_only=True)['step'] == 10
+    for i in range(3, 7):  # retention: only the newest 3 complete checkpoints stay
+        save_checkpoint(tmp_path, f'epoch-000{i}-step-000000{i}0', model, {}, ['a', 'b'], dict(step=i), keep=3)
+    assert [p.name[:10] for p in list_checkpoints(tmp_path)] == ['epoch-0004', 'epoch-0005', 'epoch-0006']
+
+
+def _parse(*argv):
+    return parse_train_args(build_parser().train_parser, list(argv))
+
+
+def test_config_resolution_precedence(tmp_path):
+    args = _parse('--recipe', 'in1k', '--model', 'conv2former_b')
+    assert (args.opt, args.weight_decay, args.epochs, args.aa, args.mixup, args.cutmix) == \
+        ('adamw', 0.05, 300, 'rand-m9-mstd0.5-inc1', 0.8, 1.0)
+    assert (args.smoothing, args.reprob, args.drop_path) == (0.1, 0.25, 0.5)  # per-model drop path for B
+    args.batch_size, args.grad_accum_steps = 128, 2
+    assert resolve_lr(args, world_size=4) == pytest.approx(1e-3 * 128 * 2 * 4 / 1024)  # the paper's scaling rule
+    config = tmp_path / 'c.yaml'
+    config.write_text('epochs: 7\nweight-decay: 0.01\n')
+    args = _parse('--recipe', 'in1k', '--config', str(config), '--epochs', '3')
+    assert (args.epochs, args.weight_decay) == (3, 0.01)  # flag > YAML > recipe
+    assert _parse('--lr', '0.5').lr == 0.5 and resolve_lr(_parse('--lr', '0.5'), 8) == 0.5
+    ft = _parse('--recipe', 'finetune')
+    assert (ft.layer_decay, ft.epochs, ft.model_ema) == (0.8, 30, True)
+    config.write_text('epoch: 7\n')
+    with pytest.raises(ValueError, match=r"unknown keys \['epoch'\]"):
+        _parse('--config', str(config))
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['--recipe', 'imagenet'], "invalid choice: 'imagenet'"),
+    (['-b', '0'], 'expected an integer >= 1, got 0'),
+    (['--reprob', '2'], r'expected a probability in \[0, 1\], got 2'),
+    (['--amp', 'fp8'], "invalid choice: 'fp8'"),
+])
+def test_invalid_flags_are_rejected_by_the_parser(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        main(['train', *argv])
+    assert __import__('re').search(message, capsys.readouterr().err)
+
+
+def test_bad_inputs_give_clear_errors(tmp_path, toy_data, capsys):
+    def run(*argv):
+        rc = main(['train', '--output', str(tmp_path), *TINY_MODEL, '--epochs', '1', '-b', '4', *argv])
+        return rc, capsys.readouterr().err
+
+    rc, err = run('--data', str(tmp_path / 'nowhere'))
+    assert rc == 2 and 'nowhere' in err
+    empty = tmp_path / 'empty'
+    (empty / 'train').mkdir(parents=True)
+    (empty / 'val').mkdir()
+    rc, err = run('--data', str(empty))
+    assert rc == 2 and 'train' in err
+    rc, err = run('--data', str(toy_data), '--model', 'resnet_nope')
+    assert rc == 2 and "unknown model 'resnet_nope'" in err and 'conv2former_t' in err
+    mismatch = tmp_path / 'mismatch'
+    for split, cls in (('train', 'cat'), ('train', 'dog'), ('val', 'cat'), ('val', 'bird')):
+        (mismatch / split / cls).mkdir(parents=True)
+        Image.new('RGB', (32, 32)).save(mismatch / split / cls / 'x.png')
+    rc, err = run('--data', str(mismatch))
+    assert rc == 2 and 'bird' in err and 'dog' in err
+    rc, err = run('--data', str(toy_data), '--sync-bn')
+    assert rc == 2 and '--sync-bn needs CUDA' in err
+
+
+def test_pretrained_and_resume_checks(tmp_path, toy_data, capsys):
+    assert main(_train_args(toy_data, tmp_path, 'base', '--epochs', '1', '-b', '8')) == 0
+    base = tmp_path / 'base'
+    # fine-tune from our own model folder
+    assert main(_train_args(toy_data, tmp_path, 'ft', '--epochs', '1', '-b', '8', '--pretrained', str(base / 'last'))) == 0
+    capsys.readouterr()
+    # weights of another configuration: the mismatching keys are listed
+    rc = main(_train_args(toy_data, tmp_path, 'bad', '--epochs', '1', '-b', '8', '--pretrained', str(base / 'last'),
+                          '--model-kwargs', 'kernel_size=11'))
+    err = capsys.readouterr().err
+    assert rc == 2 and 'dwconv.weight: checkpoint (16, 1, 7, 7) vs model (16, 1, 11, 11)' in err
+    # a malicious pickle is refused and nothing runs
+    marker = tmp_path / 'pwned'
+
+    class Exploit:
+        def __reduce__(self):
+            return os.system, (f'touch {marker}',)
+
+    evil = tmp_path / 'evil.pth'
+    torch.save({'state_dict': {}, 'x': Exploit()}, evil)
+    rc = main(_train_args(toy_data, tmp_path, 'evil', '--epochs', '1', '-b', '8', '--pretrained', str(evil)))
+    assert rc == 2 and 'refused to load' in capsys.readouterr().err and not marker.exists()
+    # a new run never writes into a folder holding another run's checkpoints
+    rc = main(_train_args(toy_data, tmp_path, 'base', '--epochs', '1', '-b', '8'))
+    assert rc == 2 and f'--resume {base}' in capsys.readouterr().err
+    # resuming with another model is refused, naming both
+    rc = main(_train_args(toy_data, tmp_path, 'base', '--epochs', '2', '-b', '8', '--resume', str(base),
+                          '--model', 'conv2former_t'))
+    assert rc == 2 and 'is a conv2former_n run' in capsys.readouterr().err
+
+
+def test_corrupt_images_are_skipped_and_counted_or_fail_with_strict(tmp_path, toy_data, capsys):
+    import shutil
+    data = tmp_path / 'data'
+    shutil.copytree(toy_data, data)
+    (data / 'train' / 'dark' / 'zero.png').write_bytes(b'')
+    (data / 'train' / 'dark' / 'broken.png').write_bytes((data / 'train' / 'dark' / '0.png').read_bytes()[:60])
+    assert main(_train_args(data, tmp_path, 'skip', '--epochs', '1', '-b', '8')) == 0
+    log = (tmp_path / 'skip' / 'log.txt').read_text()
+    assert 'zero.png' in log and 'skipped 1 unreadable images' in log and 'broken.png' in log
+    rc = main(_train_args(data, tmp_path, 'strict', '--epochs', '1', '-b', '8', '--strict'))
+    assert rc == 2 and 'zero.png' in capsys.readouterr().err
+
+
+def test_grad_accumulation_matches_the_full_batch(tmp_path, toy_data):
+    """-b 4 x 2 accumulation steps == -b 8: same samples per optimizer step, same averaged gradient."""
+    common = ['--epochs', '1', '--drop-path', '0', '--lr', '1e-3', '--warmup-epochs', '0', '--model-kwargs',
+              'stem=patch', '--smoothing', '0']
+    assert main(_train_args(toy_data, tmp_path, 'full', '-b', '8', *common)) == 0
+    assert main(_train_args(toy_data, tmp_path, 'accum', '-b', '4', '--grad-accum-steps', '2', *common)) == 0
+    full, accum = _weights(tmp_path / 'full'), _weights(tmp_path / 'accum')
+    for k in full:
+        torch.testing.assert_close(accum[k], full[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_amp_channels_last_compile_ema_and_grad_checkpointing_run(tmp_path, toy_data):
+    assert main(_train_args(toy_data, tmp_path, 'fast', '--epochs', '1', '-b', '8', '--amp', 'bf16',
+                            '--channels-last', '--compile', 'aot_eager', '--model-ema', '--grad-checkpointing',
+                            '--clip-grad', '1.0', '--layer-decay', '0.8')) == 0
+    run = tmp_path / 'fast'
+    row = json.loads((run / 'metrics.jsonl').read_text().splitlines()[-1])
+    assert row['ema_top1'] is not None and np.isfinite(row['train_loss'])
+    assert (run / 'last' / 'model_ema.safetensors').is_file()
+    assert main(['validate', '--checkpoint', str(run), '--use-ema', '--data', str(toy_data), '-j', '0',
+                 '--results-file', str(tmp_path / 'ema.csv')]) == 0
+    assert (tmp_path / 'ema.csv').read_text().startswith('model,top1')
+
+
+def test_cuda_out_of_memory_names_the_batch_size(tmp_path, toy_data, monkeypatch, capsys):
+    from conv2former.training import loop
+
+    class OutOfMemory(loop.LabelSmoothingCrossEntropy):
+        def forward(self, x, target):
+            raise torch.cuda.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')
+
+    monkeypatch.setattr(loop, 'LabelSmoothingCrossEntropy', OutOfMemory)
+    assert main(_train_args(toy_data, tmp_path, 'oom', '--epochs', '1', '-b', '8')) == 3
+    err = capsys.readouterr().err
+    assert 'out of memory at batch size 8 per process' in err and '-b 4 --grad-accum-steps 2' in err
+
+
+def test_convert_and_export_commands(tmp_path, fixtures_dir, fixture_config, capsys):
+    upstream = load_file(str(fixtures_dir / 'tiny_k7_state_dict.safetensors'))
+    src = tmp_path / 'upstream.pth.tar'
+    torch.save({'state_dict': upstream}, src)
+    out = tmp_path / 'converted'
+    kwargs = [a for k, v in fixture_config.items() if k != 'num_classes'
+              for a in ('--model-kwargs', f'{k}={json.dumps(v)}')]
+    assert main(['convert', str(src), '--model', 'conv2former_n', '--output', str(out), *kwargs]) == 0
+    import timm
+    model = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
+    io = load_file(str(fixtures_dir / 'tiny_k7_io.safetensors'))
+    with torch.no_grad():
+        assert (model(io['input']) - io['logits']).abs().max() <= 1e-4
+    assert main(['export', '--checkpoint', str(out), '--output', str(tmp_path / 'exported'), '--img-size', '64']) == 0
+    assert (tmp_path / 'exported' / 'model.onnx').is_file() and (tmp_path / 'exported' / 'model.pt2').is_file()
