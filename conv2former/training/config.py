@@ -77,7 +77,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument('--layer-decay', type=_non_negative_float, default=None, help='layer-wise lr decay, e.g. 0.8')
     g.add_argument('--clip-grad', type=_non_negative_float, default=None, help='max gradient norm')
     g.add_argument('--sched', default='cosine', help="timm scheduler name (default 'cosine')")
-    g.add_argument('--warmup-epochs', type=_non_negative_float, default=1)
+    g.add_argument('--warmup-epochs', type=int, default=1)
     g.add_argument('--warmup-lr', type=_non_negative_float, default=1e-6)
     g.add_argument('--min-lr', type=_non_negative_float, default=1e-6)
     g.add_argument('--cooldown-epochs', type=int, default=0)

@@ -176,23 +176,23 @@ def _train(cfg: argparse.Namespace, env: DistEnv) -> dict:
     env.barrier()
     if not env.is_main:
         data_dir = resolve_data_dir(cfg.data)
-    probe_train, _, class_names = build_datasets(data_dir, strict=cfg.strict)
-    model = build_model(cfg, num_classes=len(class_names))
-    data_config = resolve_data_config(
-        dict(img_size=cfg.img_size, interpolation=cfg.interpolation), model=model, verbose=env.is_main)
-    train_tf = create_transform(
-        **data_config, is_training=True, scale=cfg.scale, hflip=cfg.hflip, color_jitter=cfg.color_jitter,
-        auto_augment=cfg.aa, re_prob=cfg.reprob, re_mode='pixel', re_count=1)
-    eval_tf = create_transform(**data_config)
-    # saved with every model folder: validate/predict then preprocess exactly as this run evaluated
-    model.pretrained_cfg = dict(model.pretrained_cfg, num_classes=len(class_names), **data_config)
-    train_ds, val_ds, class_names = build_datasets(data_dir, train_tf, eval_tf, strict=cfg.strict)
+    train_ds, val_ds, class_names = build_datasets(data_dir, strict=cfg.strict)
     for skipped_path, reason in train_ds.skipped + val_ds.skipped:
         _logger.warning('skipped %s: %s', skipped_path, reason)
     if train_ds.num_skipped or val_ds.num_skipped:
         _logger.warning('skipped %d unreadable images (%d train, %d val); --strict fails instead',
                         train_ds.num_skipped + val_ds.num_skipped, train_ds.num_skipped, val_ds.num_skipped)
-    del probe_train
+    model = build_model(cfg, num_classes=len(class_names))
+    data_config = resolve_data_config(
+        dict(img_size=cfg.img_size, interpolation=cfg.interpolation), model=model, verbose=env.is_main)
+    train_ds.transform = create_transform(
+        **data_config, is_training=True, scale=cfg.scale, hflip=cfg.hflip, color_jitter=cfg.color_jitter,
+        auto_augment=cfg.aa, re_prob=cfg.reprob, re_mode='pixel', re_count=1)
+    val_ds.transform = create_transform(**data_config)
+    # saved with every model folder, so validate/predict preprocess exactly as this run evaluated; the pretrained
+    # state_dict timm keeps in the cfg is dropped (it would hold a second copy of the weights all run long)
+    cfg_without_weights = {k: v for k, v in model.pretrained_cfg.items() if k != 'state_dict'}
+    model.pretrained_cfg = model.default_cfg = dict(cfg_without_weights, num_classes=len(class_names), **data_config)
     seeded_train = SeededDataset(train_ds, cfg.seed)
 
     global_batch = cfg.batch_size * cfg.grad_accum_steps * env.world_size
@@ -219,7 +219,7 @@ def _train(cfg: argparse.Namespace, env: DistEnv) -> dict:
     optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay,
                                     layer_decay=cfg.layer_decay)
     scheduler, num_epochs = create_scheduler_v2(
-        optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=int(cfg.warmup_epochs),
+        optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
         warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, cooldown_epochs=cfg.cooldown_epochs, step_on_epochs=False,
         updates_per_epoch=steps_per_epoch)
     amp_dtype = AMP_DTYPES.get(cfg.amp)
