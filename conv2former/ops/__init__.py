@@ -11,16 +11,20 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .dwconv import depthwise_conv2d, interpreter_enabled, triton_available
+from .convmod import FUSED_WEIGHTINGS, conv_modulation
 
-__all__ = ['depthwise_conv2d', 'dwconv2d', 'kernel_backend', 'KERNELS_ENV']
+__all__ = ['depthwise_conv2d', 'dwconv2d', 'kernel_backend', 'KERNELS_ENV', 'conv_modulation', 'FUSED_WEIGHTINGS']
 
 KERNELS_ENV = 'CONV2FORMER_KERNELS'
+# The Triton kernels have been verified under the interpreter only: until a GPU run of
+# benchmarks/bench_dwconv.py confirms them correct and faster than cuDNN, the automatic choice stays PyTorch.
+AUTO_TRITON_ON_CUDA = False
 _BACKENDS = ('torch', 'triton')
 
 
 def kernel_backend(x: Tensor, forced: Optional[str] = None) -> Literal['triton', 'torch']:
     """The backend ``dwconv2d`` uses for ``x``: ``forced`` if given (a model's ``kernels`` keyword), else
-    ``$CONV2FORMER_KERNELS`` if set, else Triton on CUDA when available.
+    ``$CONV2FORMER_KERNELS`` if set, else PyTorch (Triton on CUDA once ``AUTO_TRITON_ON_CUDA`` is switched on).
 
     Raises:
         ValueError: the variable holds something other than ``torch``/``triton``.
@@ -40,7 +44,7 @@ def kernel_backend(x: Tensor, forced: Optional[str] = None) -> Literal['triton',
             raise RuntimeError(f'{source}=triton for a tensor on {x.device} needs the Triton interpreter: '
                                'set TRITON_INTERPRET=1 (or use a CUDA tensor)')
         return 'triton'
-    return 'triton' if x.is_cuda and triton_available() else 'torch'
+    return 'triton' if AUTO_TRITON_ON_CUDA and x.is_cuda and triton_available() else 'torch'
 
 
 def dwconv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, backend: Optional[str] = None) -> Tensor:

@@ -1,0 +1,442 @@
+"""Fused convolutional modulation of Conv2Former in Triton, registered as a ``torch.library`` custom op.
+
+``conv_modulation(a, v, weight, bias, act, fusion, weighting)`` returns ``fuse(w(DWConv_k(act(a)) + bias), v)`` with
+``act`` the exact (erf) GELU or the identity, ``w`` the identity (``'none'``) or sigmoid (``'sigmoid'``) and ``fuse``
+``A * v`` (``'mul'``) or ``A + v`` (``'sum'``): everything of ``ConvModulation`` between the 1x1 projections.
+
+Forward: one kernel. Its prologue applies GELU to every loaded tap of ``a``, the k x k depthwise sum accumulates in
+float32 (float64 for float64 inputs), then bias, weighting and, in the epilogue, the fusion with ``v`` before the only
+store: neither GELU(a) nor the modulation map A is written to memory.
+
+Backward: autograd saves only a, v, weight and bias; A is recomputed.
+1. ``grad_pre`` kernel (the forward kernel in gradient mode): recomputes A at each output position and writes both
+   ``dA_pre`` (the gradient of the conv output before the weighting) and ``dv``; skipped for ``sum``/``none``, where
+   both equal the incoming gradient, and without the conv recompute when nothing needs A (``mul``/``none``, no dv).
+2. ``grad_input`` kernel: transposed depthwise conv of ``dA_pre`` with GELU'(a) applied in its epilogue -> da.
+3. ``grad_weight`` kernel: the depthwise weight/bias gradient of (GELU(a), dA_pre), GELU applied to each loaded tap.
+Kernels 2 and 3 are variants of ``dwconv``'s input- and weight-gradient kernels with the GELU fused in.
+
+The per-map weightings ``'l1'`` and ``'minmax'`` need statistics over all positions of a map before any output can be
+written, so they are not fused (``FUSED_WEIGHTINGS``); the model keeps its unfused path for them.
+
+Kernels are jitted lazily, as in ``dwconv`` (``TRITON_INTERPRET`` is read at jit time), and call only Triton builtins.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from .dwconv import (MAX_KERNEL_SIZE, MIN_KERNEL_SIZE, SUPPORTED_DTYPES, _accumulator_dtypes, _empty_output,
+                     _is_channels_last, _taps_by_channel, _tile_config, _weight_grad_splits, interpreter_enabled)
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+    tl = None
+
+__all__ = ['conv_modulation', 'FUSED_WEIGHTINGS', 'FUSIONS']
+
+FUSIONS = ('mul', 'sum')
+FUSED_WEIGHTINGS = ('none', 'sigmoid')
+_SUM = tl.standard._sum_combine if tl is not None else None  # see dwconv: tl.sum is a jitted helper
+
+# GELU constants are inlined as literals in the kernels (jitted code may read only constexpr globals):
+# 0.7071067811865476 = 1/sqrt(2), 0.3989422804014327 = 1/sqrt(2*pi).
+
+
+# ----------------------------------------------------------------------------------------------------- Triton kernels
+
+def _convmod_kernel(a_ptr, v_ptr, w_ptr, b_ptr, g_ptr, out_ptr, dv_ptr, C, H, W,
+                    sab, sac, sah, saw, svb, svc, svh, svw, sgb, sgc, sgh, sgw,
+                    sob, soc, soh, sow, sdb, sdc, sdh, sdw,
+                    K: tl.constexpr, ACT: tl.constexpr, SIGMOID: tl.constexpr, MUL: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, GRAD: tl.constexpr, RECOMPUTE: tl.constexpr, STORE_OUT: tl.constexpr,
+                    STORE_DV: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                    BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Forward (GRAD=False): out = fuse(w(bias + sum_ij act(a)[.., h+i-K//2, w+j-K//2] * wt[i*K+j, c]), v).
+
+    Gradient mode (GRAD=True), g the gradient of the forward output: out = dA_pre = g * (v if MUL) * w'(pre), and
+    dv = g * w(pre) when STORE_DV. The conv is recomputed only when RECOMPUTE (sigmoid, or dv of a product).
+    Grid: (spatial tiles, channel blocks, batch); ``w`` is the weight laid out (K*K, C); all tensors by strides.
+    """
+    pid_hw = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    tiles_w = (W + BLOCK_W - 1) // BLOCK_W
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_h = (pid_hw // tiles_w) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_w = (pid_hw % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)
+    c3 = offs_c[:, None, None]
+    h3 = offs_h[None, :, None]
+    w3 = offs_w[None, None, :]
+    mask_c3 = c3 < C
+    mask = mask_c3 & (h3 < H) & (w3 < W)
+    if RECOMPUTE:
+        a_base = a_ptr + pid_b * sab + c3 * sac
+        att = tl.full((BLOCK_C, BLOCK_H, BLOCK_W), 0, ACC_DTYPE)
+        for i in range(K):
+            in_h = h3 + (i - K // 2)
+            row_mask = mask_c3 & (in_h >= 0) & (in_h < H)
+            a_row = a_base + in_h * sah
+            for j in range(K):
+                in_w = w3 + (j - K // 2)
+                wv = tl.load(w_ptr + (i * K + j) * C + c3, mask=mask_c3, other=0.0).to(ACC_DTYPE)
+                x = tl.load(a_row + in_w * saw, mask=row_mask & (in_w >= 0) & (in_w < W), other=0.0).to(ACC_DTYPE)
+                if ACT:  # GELU(0) = 0, so the zero padding stays zero
+                    x = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+                att += x * wv
+        if HAS_BIAS:
+            att += tl.load(b_ptr + c3, mask=mask_c3, other=0.0).to(ACC_DTYPE)
+        if SIGMOID:
+            att = 1.0 / (1.0 + tl.exp(-att))
+    o_offs = pid_b * sob + c3 * soc + h3 * soh + w3 * sow
+    if GRAD:
+        g = tl.load(g_ptr + pid_b * sgb + c3 * sgc + h3 * sgh + w3 * sgw, mask=mask, other=0.0).to(ACC_DTYPE)
+        if STORE_OUT:
+            d_pre = g
+            if MUL:
+                d_pre = g * tl.load(v_ptr + pid_b * svb + c3 * svc + h3 * svh + w3 * svw, mask=mask,
+                                    other=0.0).to(ACC_DTYPE)
+            if SIGMOID:
+                d_pre = d_pre * att * (1.0 - att)
+            tl.store(out_ptr + o_offs, d_pre.to(out_ptr.dtype.element_ty), mask=mask)
+        if STORE_DV:
+            tl.store(dv_ptr + pid_b * sdb + c3 * sdc + h3 * sdh + w3 * sdw, (g * att).to(dv_ptr.dtype.element_ty),
+                     mask=mask)
+    else:
+        vv = tl.load(v_ptr + pid_b * svb + c3 * svc + h3 * svh + w3 * svw, mask=mask, other=0.0).to(ACC_DTYPE)
+        if MUL:
+            res = att * vv
+        else:
+            res = att + vv
+        tl.store(out_ptr + o_offs, res.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _convmod_input_grad_kernel(g_ptr, a_ptr, w_ptr, da_ptr, C, H, W,
+                               sgb, sgc, sgh, sgw, sab, sac, sah, saw, sdb, sdc, sdh, sdw,
+                               K: tl.constexpr, ACT: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                               BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """da = (sum_ij g[.., h+i-K//2, w+j-K//2] * wt[K*K-1 - (i*K+j), c]) * (GELU'(a) if ACT else 1).
+
+    The transposed depthwise conv (correlation with the flipped kernel) of dwconv's input gradient, with the GELU
+    derivative Phi(a) + a * phi(a) applied to each output before the store.
+    """
+    pid_hw = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    tiles_w = (W + BLOCK_W - 1) // BLOCK_W
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_h = (pid_hw // tiles_w) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_w = (pid_hw % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)
+    c3 = offs_c[:, None, None]
+    h3 = offs_h[None, :, None]
+    w3 = offs_w[None, None, :]
+    mask_c3 = c3 < C
+    mask = mask_c3 & (h3 < H) & (w3 < W)
+    g_base = g_ptr + pid_b * sgb + c3 * sgc
+    acc = tl.full((BLOCK_C, BLOCK_H, BLOCK_W), 0, ACC_DTYPE)
+    for i in range(K):
+        in_h = h3 + (i - K // 2)
+        row_mask = mask_c3 & (in_h >= 0) & (in_h < H)
+        g_row = g_base + in_h * sgh
+        for j in range(K):
+            in_w = w3 + (j - K // 2)
+            wv = tl.load(w_ptr + (K * K - 1 - (i * K + j)) * C + c3, mask=mask_c3, other=0.0).to(ACC_DTYPE)
+            acc += tl.load(g_row + in_w * sgw, mask=row_mask & (in_w >= 0) & (in_w < W), other=0.0).to(ACC_DTYPE) * wv
+    if ACT:
+        x = tl.load(a_ptr + pid_b * sab + c3 * sac + h3 * sah + w3 * saw, mask=mask, other=0.0).to(ACC_DTYPE)
+        cdf = 0.5 * (1.0 + tl.erf(x * 0.7071067811865476))
+        acc = acc * (cdf + x * tl.exp(-0.5 * x * x) * 0.3989422804014327)
+    tl.store(da_ptr + pid_b * sdb + c3 * sdc + h3 * sdh + w3 * sdw, acc.to(da_ptr.dtype.element_ty), mask=mask)
+
+
+def _convmod_weight_grad_kernel(a_ptr, g_ptr, dw_part_ptr, db_part_ptr, B, C, H, W, SPLITS,
+                                sab, sac, sah, saw, sgb, sgc, sgh, sgw,
+                                K: tl.constexpr, ACT: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_C: tl.constexpr,
+                                BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """dwconv's weight-gradient kernel with GELU applied to each loaded tap of ``a`` when ACT:
+
+    dw_part[(s*B + b), i*K + j, c] = sum g[b, c, h, w] * act(a)[b, c, h + i - K//2, w + j - K//2];
+    db_part[(s*B + b), c] = sum g[b, c, h, w], over the spatial tiles s, s+SPLITS, ... (the caller sums axis 0).
+    """
+    pid_s = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    tiles_w = (W + BLOCK_W - 1) // BLOCK_W
+    n_tiles = (H + BLOCK_H - 1) // BLOCK_H * tiles_w
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    c3 = offs_c[:, None, None]
+    mask_c3 = mask_c[:, None, None]
+    a_base = a_ptr + pid_b * sab + c3 * sac
+    g_base = g_ptr + pid_b * sgb + c3 * sgc
+    part_row = pid_s * B + pid_b
+
+    acc = tl.full((BLOCK_C, BLOCK_H, BLOCK_W), 0, ACC_DTYPE)
+    for t in range(pid_s, n_tiles, SPLITS):
+        h3 = ((t // tiles_w) * BLOCK_H + tl.arange(0, BLOCK_H))[None, :, None]
+        w3 = ((t % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W))[None, None, :]
+        acc += tl.load(g_base + h3 * sgh + w3 * sgw, mask=mask_c3 & (h3 < H) & (w3 < W), other=0.0).to(ACC_DTYPE)
+    tl.store(db_part_ptr + part_row * C + offs_c, tl.reduce(tl.reduce(acc, 2, _SUM), 1, _SUM), mask=mask_c)
+
+    for tap in range(K * K):
+        di = tap // K - K // 2
+        dj = tap % K - K // 2
+        acc = tl.full((BLOCK_C, BLOCK_H, BLOCK_W), 0, ACC_DTYPE)
+        for t in range(pid_s, n_tiles, SPLITS):
+            h3 = ((t // tiles_w) * BLOCK_H + tl.arange(0, BLOCK_H))[None, :, None]
+            w3 = ((t % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W))[None, None, :]
+            out_mask = mask_c3 & (h3 < H) & (w3 < W)
+            gv = tl.load(g_base + h3 * sgh + w3 * sgw, mask=out_mask, other=0.0).to(ACC_DTYPE)
+            in_h = h3 + di
+            in_w = w3 + dj
+            in_mask = out_mask & (in_h >= 0) & (in_h < H) & (in_w >= 0) & (in_w < W)
+            x = tl.load(a_base + in_h * sah + in_w * saw, mask=in_mask, other=0.0).to(ACC_DTYPE)
+            if ACT:
+                x = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+            acc += gv * x
+        tl.store(dw_part_ptr + (part_row * (K * K) + tap) * C + offs_c, tl.reduce(tl.reduce(acc, 2, _SUM), 1, _SUM),
+                 mask=mask_c)
+
+
+class _Kernels(NamedTuple):
+    modulate: object
+    input_grad: object
+    weight_grad: object
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels(interpret: bool) -> _Kernels:
+    """Jit the kernels for the current mode (``interpret`` keys the cache; triton reads it while jitting)."""
+    assert interpret == interpreter_enabled()
+    return _Kernels(*(triton.jit(fn) for fn in (_convmod_kernel, _convmod_input_grad_kernel,
+                                                _convmod_weight_grad_kernel)))
+
+
+# --------------------------------------------------------------------------------------------------------- launchers
+
+def _require_launchable(x: Tensor) -> _Kernels:
+    """The kernels for ``x``'s device, or a RuntimeError saying what is missing."""
+    if triton is None:
+        raise RuntimeError('conv2former.ops.conv_modulation needs triton, which is not installed')
+    interpret = interpreter_enabled()
+    if not x.is_cuda and not interpret:
+        raise RuntimeError(f'the Triton conv_modulation runs on CUDA tensors, got a tensor on {x.device}; '
+                           'to run it on CPU set TRITON_INTERPRET=1 (the Triton interpreter) before the first call')
+    return _kernels(interpret)
+
+
+def _grid_and_blocks(x: Tensor) -> tuple[tuple[int, int, int], dict]:
+    batch, channels, height, width = x.shape
+    block_c, block_h, block_w = _tile_config(channels, height, width, _is_channels_last(x))
+    grid = (triton.cdiv(height, block_h) * triton.cdiv(width, block_w), triton.cdiv(channels, block_c), batch)
+    return grid, dict(BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w)
+
+
+def _launch_modulate(a: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor], act: bool, fusion: str,
+                     weighting: str, grad: Optional[Tensor] = None, need_pre: bool = False,
+                     need_dv: bool = False) -> list[Tensor]:
+    """Forward ([M]) when ``grad`` is None, else the gradient mode: [dA_pre if need_pre] + [dv if need_dv]."""
+    kernels = _require_launchable(a)
+    sigmoid, mul = weighting == 'sigmoid', fusion == 'mul'
+    if grad is None:
+        out, dv, recompute = _empty_output(a), None, True
+        outputs = [out]
+    else:
+        need_dv = need_dv and mul  # dv of a sum is the incoming gradient itself
+        out = _empty_output(a) if need_pre else None
+        dv = _empty_output(v) if need_dv else None
+        recompute = sigmoid or need_dv
+        outputs = [t for t in (out, dv) if t is not None]
+    if a.numel() == 0 or not outputs:
+        return outputs
+    grid, blocks = _grid_and_blocks(a)
+    w_taps = _taps_by_channel(weight)
+    out_ = out if out is not None else outputs[0]
+    kernels.modulate[grid](
+        a, v, w_taps, w_taps if bias is None else bias.contiguous(), a if grad is None else grad, out_,
+        dv if dv is not None else out_, a.shape[1], a.shape[2], a.shape[3], *a.stride(), *v.stride(),
+        *(a if grad is None else grad).stride(), *out_.stride(), *(dv if dv is not None else out_).stride(),
+        K=weight.shape[-1], ACT=act, SIGMOID=sigmoid, MUL=mul, HAS_BIAS=bias is not None, GRAD=grad is not None,
+        RECOMPUTE=recompute, STORE_OUT=out is not None, STORE_DV=dv is not None,
+        ACC_DTYPE=_accumulator_dtypes(a.dtype)[1], num_warps=4, **blocks)
+    return outputs
+
+
+def _launch_input_grad(grad_pre: Tensor, a: Tensor, weight: Tensor, act: bool) -> Tensor:
+    """da = transposed depthwise conv of ``grad_pre`` times GELU'(a) (times 1 without ``act``), in a's layout."""
+    kernels = _require_launchable(a)
+    da = _empty_output(a)
+    if da.numel() == 0:
+        return da
+    grid, blocks = _grid_and_blocks(a)
+    kernels.input_grad[grid](
+        grad_pre, a, _taps_by_channel(weight), da, a.shape[1], a.shape[2], a.shape[3], *grad_pre.stride(),
+        *a.stride(), *da.stride(), K=weight.shape[-1], ACT=act, ACC_DTYPE=_accumulator_dtypes(a.dtype)[1],
+        num_warps=4, **blocks)
+    return da
+
+
+def _launch_weight_grad(grad_pre: Tensor, a: Tensor, k: int, act: bool,
+                        splits: Optional[int] = None) -> tuple[Tensor, Tensor]:
+    """(grad_weight (C, 1, k, k), grad_bias (C,)) of the depthwise conv of act(a), in a's dtype."""
+    kernels = _require_launchable(a)
+    batch, channels, height, width = a.shape
+    grid, blocks = _grid_and_blocks(a)
+    n_tiles, channel_blocks = grid[0], grid[1]
+    if splits is None:
+        splits = _weight_grad_splits(batch, channel_blocks, n_tiles, a.device)
+    acc_torch, acc_triton = _accumulator_dtypes(a.dtype)
+    dw_part = torch.zeros(splits * batch, k * k, channels, device=a.device, dtype=acc_torch)
+    db_part = torch.zeros(splits * batch, channels, device=a.device, dtype=acc_torch)
+    if a.numel() > 0:
+        kernels.weight_grad[(splits, channel_blocks, batch)](
+            a, grad_pre, dw_part, db_part, batch, channels, height, width, splits, *a.stride(), *grad_pre.stride(),
+            K=k, ACT=act, ACC_DTYPE=acc_triton, num_warps=4, **blocks)
+    grad_weight = dw_part.sum(0).t().contiguous().view(channels, 1, k, k).to(a.dtype)
+    return grad_weight, db_part.sum(0).to(a.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------- custom ops
+
+@torch.library.custom_op('conv2former::conv_modulation', mutates_args=())
+def _conv_modulation_op(a: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor], act: bool, fusion: str,
+                        weighting: str) -> Tensor:
+    return _launch_modulate(a, v, weight, bias, act, fusion, weighting)[0]
+
+
+@_conv_modulation_op.register_fake
+def _(a, v, weight, bias, act, fusion, weighting):
+    return _empty_output(a)
+
+
+@torch.library.custom_op('conv2former::conv_modulation_grad_pre', mutates_args=())
+def _grad_pre_op(grad: Tensor, a: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor], act: bool, fusion: str,
+                 weighting: str, need_pre: bool, need_dv: bool) -> list[Tensor]:
+    return _launch_modulate(a, v, weight, bias, act, fusion, weighting, grad, need_pre, need_dv)
+
+
+@_grad_pre_op.register_fake
+def _(grad, a, v, weight, bias, act, fusion, weighting, need_pre, need_dv):
+    return [_empty_output(a)] * need_pre + [_empty_output(v)] * (need_dv and fusion == 'mul')
+
+
+@torch.library.custom_op('conv2former::conv_modulation_grad_input', mutates_args=())
+def _grad_input_op(grad_pre: Tensor, a: Tensor, weight: Tensor, act: bool) -> Tensor:
+    return _launch_input_grad(grad_pre, a, weight, act)
+
+
+@_grad_input_op.register_fake
+def _(grad_pre, a, weight, act):
+    return _empty_output(a)
+
+
+@torch.library.custom_op('conv2former::conv_modulation_grad_weight', mutates_args=())
+def _grad_weight_op(grad_pre: Tensor, a: Tensor, kernel_size: int, act: bool) -> tuple[Tensor, Tensor]:
+    return _launch_weight_grad(grad_pre, a, kernel_size, act)
+
+
+@_grad_weight_op.register_fake
+def _(grad_pre, a, kernel_size, act):
+    channels = a.shape[1]
+    return a.new_empty(channels, 1, kernel_size, kernel_size), a.new_empty(channels)
+
+
+def _setup_context(ctx, inputs: tuple, output: Tensor) -> None:
+    a, v, weight, bias, act, fusion, weighting = inputs
+    ctx.save_for_backward(a, v, weight, bias)  # A and GELU(a) are recomputed, never saved
+    ctx.config = (act, fusion, weighting)
+
+
+def _backward(ctx, grad: Tensor) -> tuple:
+    a, v, weight, bias = ctx.saved_tensors
+    act, fusion, weighting = ctx.config
+    need_a, need_v, need_w, need_b = ctx.needs_input_grad[:4]
+    need_b = need_b and bias is not None
+    need_pre = need_a or need_w or need_b
+    grad_pre = grad_v = None
+    if fusion == 'sum' and weighting == 'none':  # dA_pre = dv = grad: nothing to recompute
+        grad_pre, grad_v = grad, grad
+    else:
+        need_dv = need_v and fusion == 'mul'  # dv of a sum is the incoming gradient
+        outs = _grad_pre_op(grad, a, v, weight, bias, act, fusion, weighting, need_pre, need_dv) \
+            if need_pre or need_dv else []
+        grad_pre = outs[0] if need_pre else None
+        grad_v = outs[-1] if need_dv else grad
+    grad_a = _grad_input_op(grad_pre, a, weight, act) if need_a else None
+    grad_w = grad_b = None
+    if need_w or need_b:
+        grad_w, grad_b = _grad_weight_op(grad_pre, a, weight.shape[-1], act)
+    return (grad_a, grad_v if need_v else None, grad_w if need_w else None, grad_b if need_b else None,
+            None, None, None)
+
+
+_conv_modulation_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------------- public API
+
+def _validate(a: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor], act, fusion, weighting) -> None:
+    """Raise ValueError naming what was expected and what came."""
+    if weighting not in FUSED_WEIGHTINGS:
+        raise ValueError(f'conv_modulation fuses the weightings {FUSED_WEIGHTINGS} only, got {weighting!r} '
+                         "('l1' and 'minmax' need per-map statistics: use the unfused path for them)")
+    if fusion not in FUSIONS:
+        raise ValueError(f'conv_modulation fusion must be one of {FUSIONS}, got {fusion!r}')
+    if not isinstance(act, bool):
+        raise ValueError(f'conv_modulation act must be a bool (GELU or identity), got {act!r}')
+    if a.dim() != 4:
+        raise ValueError(f'conv_modulation expects 4-D inputs (B, C, H, W), got a of shape {tuple(a.shape)}')
+    if v.shape != a.shape:
+        raise ValueError(f'conv_modulation expects a and v of the same shape, got {tuple(a.shape)} and '
+                         f'{tuple(v.shape)}')
+    if a.dtype not in SUPPORTED_DTYPES:
+        names = ', '.join(str(d).removeprefix('torch.') for d in SUPPORTED_DTYPES)
+        raise ValueError(f'conv_modulation supports dtypes {names}, got {a.dtype}')
+    channels = a.shape[1]
+    if weight.dim() != 4 or weight.shape[0] != channels or weight.shape[1] != 1 or weight.shape[2] != weight.shape[3]:
+        raise ValueError(f'conv_modulation expects a weight of shape (C, 1, k, k) = ({channels}, 1, k, k), got '
+                         f'{tuple(weight.shape)}')
+    k = weight.shape[-1]
+    if k % 2 == 0 or not MIN_KERNEL_SIZE <= k <= MAX_KERNEL_SIZE:
+        raise ValueError(f'conv_modulation expects an odd kernel size in [{MIN_KERNEL_SIZE}, {MAX_KERNEL_SIZE}], '
+                         f'got {k}')
+    if bias is not None and tuple(bias.shape) != (channels,):
+        raise ValueError(f'conv_modulation expects a bias of shape ({channels},), got {tuple(bias.shape)}')
+    for name, tensor in (('v', v), ('weight', weight), ('bias', bias)):
+        if tensor is None:
+            continue
+        if tensor.device != a.device:
+            raise ValueError(f'conv_modulation expects {name} on the device of a ({a.device}), got {tensor.device}')
+        if tensor.dtype != a.dtype:
+            raise ValueError(f'conv_modulation expects {name} of dtype {a.dtype} (that of a), got {tensor.dtype}')
+
+
+def conv_modulation(a: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor] = None, act: bool = True,
+                    fusion: str = 'mul', weighting: str = 'none') -> Tensor:
+    """Fused ``fuse(w(F.conv2d(act(a), weight, bias, padding=k // 2, groups=C)), v)``, differentiable and compilable.
+
+    Args:
+        a: (B, C, H, W) pre-activation of the modulation branch (``a_proj(x)``), NCHW or channels_last,
+            float32/float16/bfloat16 (float64 for gradcheck), on CUDA (or CPU with ``TRITON_INTERPRET=1``).
+        v: (B, C, H, W) value branch (``v_proj(x)``), same shape, dtype and device as ``a``.
+        weight: (C, 1, k, k) depthwise weight, odd k in [3, 31]. bias: (C,) or None.
+        act: exact (erf) GELU on ``a`` before the conv (upstream) or the identity.
+        fusion: ``'mul'`` (A * v) or ``'sum'`` (A + v). weighting: ``'none'`` or ``'sigmoid'`` (``FUSED_WEIGHTINGS``).
+
+    Returns:
+        (B, C, H, W) in a's dtype and memory format; sums accumulate in float32 (float64 for float64 inputs).
+
+    Inside ``torch.autocast`` floating-point inputs are cast to the autocast dtype first, as F.conv2d would do.
+    """
+    if torch.is_autocast_enabled(a.device.type):
+        dtype = torch.get_autocast_dtype(a.device.type)
+        a, v, weight, bias = (t.to(dtype) if t is not None and t.is_floating_point() else t
+                              for t in (a, v, weight, bias))
+    _validate(a, v, weight, bias, act, fusion, weighting)
+    return _conv_modulation_op(a, v, weight, bias, act, fusion, weighting)
