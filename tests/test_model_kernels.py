@@ -23,17 +23,28 @@ def test_fixture_logits_on_the_triton_path(fixtures_dir, fixture_config):
     assert (logits - io['logits']).abs().max() <= 1e-4
 
 
-def test_training_step_gradients_match():
+@pytest.mark.parametrize('kernels,options', [
+    ('triton', {}), ('fused', {}), ('fused', dict(fusion='sum', weighting='sigmoid', attn_act=False)),
+    ('fused', dict(weighting='minmax')),  # not fusable: runs the Triton conv, unfused
+])
+def test_training_step_gradients_match(kernels, options):
     torch.manual_seed(0)
-    kw = dict(depths=(1, 1, 1, 1), dims=(8, 8, 16, 16), kernel_size=5, ls_init_value=1.0, num_classes=3)
+    kw = dict(depths=(1, 1, 1, 1), dims=(8, 8, 16, 16), kernel_size=5, ls_init_value=1.0, num_classes=3, **options)
     ref = timm.create_model('conv2former_n', kernels='torch', **kw)
-    tri = timm.create_model('conv2former_n', kernels='triton', **kw)
-    tri.load_state_dict(ref.state_dict())
+    fast = timm.create_model('conv2former_n', kernels=kernels, **kw)
+    fast.load_state_dict(ref.state_dict())
+    assert fast.stages[0].blocks[0].attn.fused == (kernels == 'fused' and options.get('weighting') != 'minmax')
     x = torch.randn(2, 3, 32, 32).to(memory_format=torch.channels_last)
-    for m in (ref, tri):
+    for m in (ref, fast):
         m(x).logsumexp(dim=1).sum().backward()
-    for (name, p), q in zip(ref.named_parameters(), tri.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    for (name, p), q in zip(ref.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_automatic_choice_is_pytorch_until_a_gpu_run_validates_triton():
+    from conv2former.ops import AUTO_TRITON_ON_CUDA, kernel_backend
+    assert AUTO_TRITON_ON_CUDA is False
+    assert kernel_backend(torch.empty(1, device='meta')) == 'torch'
 
 
 def test_env_var_and_keyword(monkeypatch):

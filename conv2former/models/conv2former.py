@@ -71,8 +71,9 @@ class Conv2Former(Conv2FormerBase):
             (rescaled into (0, 1]) (paper Table 6).
         attn_act: GELU between W1 and the depthwise conv (upstream); False = the paper's formula.
         mlp_dwconv: The MLP's residual 3x3 depthwise conv (upstream); False = the paper's text.
-        kernels: Backend of the k x k depthwise conv: None (auto: Triton on CUDA, PyTorch otherwise, or
-            ``$CONV2FORMER_KERNELS``), ``'torch'`` or ``'triton'``. Weights and outputs are the same either way.
+        kernels: Backend of the k x k depthwise conv: None (auto: ``$CONV2FORMER_KERNELS``, else PyTorch),
+            ``'torch'``, ``'triton'``, or ``'fused'`` (the whole modulation as one Triton op). Weights and outputs
+            are the same on every path.
         stem: ``'conv3'`` upstream 3-conv stem (default) or ``'patch'`` ConvNeXt-style 4x4 patchify stem.
         head: ``'conv'`` upstream head (1x1 conv to ``head_hidden_size`` → GELU → LN, then pool → fc) or
             ``'norm'`` (pool → LN → fc).

@@ -11,7 +11,7 @@ import torch.nn as nn
 from timm.layers import (DropPath, LayerNorm2d, LayerScale2d, SelectAdaptivePool2d, register_notrace_function,
                          register_notrace_module)
 
-from ..ops import dwconv2d
+from ..ops import FUSED_WEIGHTINGS, conv_modulation, dwconv2d
 
 FUSIONS = ('mul', 'sum')
 WEIGHTINGS = ('none', 'sigmoid', 'l1', 'minmax')
@@ -77,7 +77,7 @@ def weight_modulation(a: torch.Tensor, weighting: str) -> torch.Tensor:
     raise ValueError(f'weighting must be one of {WEIGHTINGS}, got {weighting!r}')
 
 
-KERNELS = (None, 'torch', 'triton')
+KERNELS = (None, 'torch', 'triton', 'fused')
 
 
 @register_notrace_module  # its backend choice reads the device: a leaf for FX tracing
@@ -86,11 +86,11 @@ class DepthwiseConv2d(nn.Conv2d):
     (or when forced), ``F.conv2d`` otherwise. Parameters and state-dict keys are those of ``nn.Conv2d``.
 
     Args:
-        kernels: ``None`` (automatic: ``$CONV2FORMER_KERNELS`` or the device decides), ``'torch'`` or ``'triton'``.
+        kernels: ``None`` (automatic: ``$CONV2FORMER_KERNELS``, else PyTorch), ``'torch'`` or ``'triton'``.
     """
 
     def __init__(self, dim: int, kernel_size: int, kernels: Optional[str] = None, device=None, dtype=None):
-        check_choice('kernels', kernels, KERNELS)
+        check_choice('kernels', kernels, KERNELS[:3])
         super().__init__(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim, device=device, dtype=dtype)
         self.kernels = kernels
 
@@ -107,7 +107,9 @@ class ConvModulation(nn.Module):
         fusion: ``'mul'`` (Hadamard product, upstream and paper) or ``'sum'`` (A + V, paper Fig. 4b ablation).
         weighting: How A is weighted before fusion, see ``weight_modulation`` (paper Table 6).
         attn_act: GELU between W1 and the depthwise conv (upstream code); False gives the paper's formula.
-        kernels: Backend of the depthwise conv, see ``DepthwiseConv2d``.
+        kernels: Backend of the depthwise conv, see ``DepthwiseConv2d``; ``'fused'`` runs GELU, the depthwise conv,
+            the weighting and the fusion with V as one Triton op (``conv2former.ops.conv_modulation``: A is never
+            written to memory), for the weightings it supports (none, sigmoid; others use the Triton conv).
     """
 
     def __init__(
@@ -127,11 +129,13 @@ class ConvModulation(nn.Module):
         check_kernel_size(kernel_size)
         check_choice('fusion', fusion, FUSIONS)
         check_choice('weighting', weighting, WEIGHTINGS)
+        check_choice('kernels', kernels, KERNELS)
         self.fusion = fusion
         self.weighting = weighting
+        self.fused = kernels == 'fused' and weighting in FUSED_WEIGHTINGS
         self.a_proj = nn.Conv2d(dim, dim, 1, **dd)
         self.a_act = act_layer() if attn_act else nn.Identity()
-        self.dwconv = DepthwiseConv2d(dim, kernel_size, kernels=kernels, **dd)
+        self.dwconv = DepthwiseConv2d(dim, kernel_size, kernels='triton' if kernels == 'fused' else kernels, **dd)
         self.v_proj = nn.Conv2d(dim, dim, 1, **dd)
         self.proj = nn.Conv2d(dim, dim, 1, **dd)
 
@@ -140,6 +144,10 @@ class ConvModulation(nn.Module):
         return weight_modulation(self.dwconv(self.a_act(self.a_proj(x))), self.weighting)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            m = conv_modulation(self.a_proj(x), self.v_proj(x), self.dwconv.weight, self.dwconv.bias,
+                                act=not isinstance(self.a_act, nn.Identity), fusion=self.fusion, weighting=self.weighting)
+            return self.proj(m)
         a = self.modulation(x)
         v = self.v_proj(x)
         x = a * v if self.fusion == 'mul' else a + v
