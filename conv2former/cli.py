@@ -37,7 +37,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from timm.data import create_transform, resolve_data_config
     from torch.utils.data import DataLoader
 
-    from .data import ImageFolderDataset, find_split, resolve_data_dir
+    from .data import ImageFolderDataset, build_timm_datasets, find_split, is_timm_source, resolve_data_dir
     from .evaluate import evaluate, save_confusion_matrix_png, write_results
     from .inference import load_model
 
@@ -45,10 +45,15 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     model, class_names, data_config = load_model(args.checkpoint, args.model, use_ema=args.use_ema, device=device)
     overrides = dict(img_size=args.img_size, crop_pct=args.crop_pct, interpolation=args.interpolation)
     data_config = resolve_data_config({k: v for k, v in overrides.items() if v is not None}, model=model)
-    root = resolve_data_dir(args.data)
-    split_dir = find_split(root, args.split)
-    dataset = ImageFolderDataset(split_dir, transform=create_transform(**data_config), class_names=class_names,
-                                 strict=args.strict)
+    if is_timm_source(args.data):
+        _, dataset, _ = build_timm_datasets(args.data, args.data_dir)
+        if class_names is not None and dataset.class_names != list(class_names):
+            raise ValueError(f'{args.data} classes {dataset.class_names} differ from the model\'s {class_names}')
+        dataset.transform, split_dir = create_transform(**data_config), f'{args.data} (validation)'
+    else:
+        split_dir = find_split(resolve_data_dir(args.data), args.split)
+        dataset = ImageFolderDataset(split_dir, transform=create_transform(**data_config), class_names=class_names,
+                                     strict=args.strict)
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -131,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser('validate', help='top-1/top-5, per-class accuracy and confusion matrix on a split')
     _add_checkpoint_args(p)
-    p.add_argument('--data', help='ImageFolder tree or archive (default: the bundled dataset)')
+    p.add_argument('--data', help='ImageFolder tree, archive or timm source (default: the bundled dataset)')
+    p.add_argument('--data-dir', help='root folder of a timm source')
     p.add_argument('--split', default='val', help="split folder (synonyms accepted; default 'val')")
     p.add_argument('--img-size', type=int)
     p.add_argument('--crop-pct', type=float)

@@ -20,8 +20,8 @@ import torch.utils.data
 from PIL import Image
 
 __all__ = [
-    'BUNDLED_DATASET', 'IMG_EXTENSIONS', 'ImageFolderDataset', 'build_datasets', 'find_split', 'load_rgb',
-    'resolve_data_dir',
+    'BUNDLED_DATASET', 'IMG_EXTENSIONS', 'ImageFolderDataset', 'TimmSourceDataset', 'build_datasets',
+    'build_timm_datasets', 'find_split', 'is_timm_source', 'load_rgb', 'resolve_data_dir',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -349,3 +349,66 @@ def build_datasets(
                          f'only in val ({val_root.name}): {only_val}')
     val = ImageFolderDataset(val_root, eval_transform, class_names=train.class_names, strict=strict)
     return train, val, train.class_names
+
+
+# ------------------------------------------------------------------------------------------- timm dataset sources
+TIMM_SOURCES = ('torch/', 'hfds/')  # map-style sources of timm.data.create_dataset (iterable ones cannot resume)
+
+
+def is_timm_source(data) -> bool:
+    """True for a timm dataset name such as ``torch/cifar10`` or ``hfds/<hub id>`` (rather than a path)."""
+    return isinstance(data, str) and data.lower().startswith(TIMM_SOURCES + ('hfids/', 'tfds/', 'wds/'))
+
+
+class TimmSourceDataset(torch.utils.data.Dataset):
+    """A dataset from ``timm.data.create_dataset`` with this module's interface: RGB conversion, ``transform``,
+    ``class_names`` and the (always empty) skip records."""
+
+    def __init__(self, dataset, class_names: list[str], transform: Callable | None = None):
+        self.dataset, self.class_names, self.transform = dataset, class_names, transform
+        self.num_skipped, self.skipped = 0, []
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        img, target = self.dataset[index]
+        if isinstance(img, Image.Image) and img.mode != 'RGB':
+            img = img.convert('RGB')
+        return (self.transform(img) if self.transform is not None else img), int(target)
+
+
+def _source_class_names(dataset, name: str) -> list[str]:
+    classes = getattr(dataset, 'classes', None)
+    if classes is None:
+        class_to_idx = getattr(getattr(dataset, 'reader', None), 'class_to_idx', None)
+        if class_to_idx:
+            classes = [c for c, _ in sorted(class_to_idx.items(), key=lambda kv: kv[1])]
+    if not classes:
+        raise ValueError(f'cannot tell the class names of {name}; convert it to an ImageFolder tree')
+    return [str(c) for c in classes]
+
+
+def build_timm_datasets(name: str, root: str | os.PathLike | None = None, download: bool = False
+                        ) -> tuple[TimmSourceDataset, TimmSourceDataset, list[str]]:
+    """``(train, val, class_names)`` of a timm dataset source (``torch/<torchvision name>``, ``hfds/<hub id>``).
+
+    ``root`` defaults to ``<cache>/<name>``; ``download`` lets torchvision fetch what is missing.
+    """
+    import timm.data
+    if not name.lower().startswith(TIMM_SOURCES):
+        raise ValueError(f'{name}: only map-style timm sources {TIMM_SOURCES} are supported (iterable ones cannot '
+                         f'resume mid-epoch); give an ImageFolder tree or archive instead')
+    root = Path(root) if root is not None else _default_cache_dir() / name.replace('/', '-')
+    splits = []
+    for split, is_training in (('train', True), ('validation', False)):
+        try:
+            splits.append(timm.data.create_dataset(name, root=str(root), split=split, is_training=is_training,
+                                                   download=download))
+        except (RuntimeError, FileNotFoundError, OSError) as e:
+            raise FileNotFoundError(f'{name} ({split} split) not found under {root}: {e}'
+                                    + ('' if download else ' (pass --dataset-download to fetch it)')) from None
+    train_names, val_names = (_source_class_names(ds, name) for ds in splits)
+    if train_names != val_names:
+        raise ValueError(f'{name}: train and validation class names differ: {train_names} vs {val_names}')
+    return TimmSourceDataset(splits[0], train_names), TimmSourceDataset(splits[1], train_names), train_names

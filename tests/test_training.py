@@ -310,3 +310,34 @@ def test_convert_and_export_commands(tmp_path, fixtures_dir, fixture_config, cap
         assert (model(io['input']) - io['logits']).abs().max() <= 1e-4
     assert main(['export', '--checkpoint', str(out), '--output', str(tmp_path / 'exported'), '--img-size', '64']) == 0
     assert (tmp_path / 'exported' / 'model.onnx').is_file() and (tmp_path / 'exported' / 'model.pt2').is_file()
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    """An MNIST-format idx file (what torchvision's FashionMNIST reads from <root>/FashionMNIST/raw)."""
+    header = bytes([0, 0, 8, array.ndim]) + b''.join(int(d).to_bytes(4, 'big') for d in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def test_timm_torchvision_source(tmp_path, capsys):
+    """--data torch/fashion_mnist goes through timm.data.create_dataset (torchvision's reader), offline."""
+    raw = tmp_path / 'fm' / 'FashionMNIST' / 'raw'
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (('train', 40), ('t10k', 20)):
+        labels = np.arange(n) % 2
+        images = np.clip(labels[:, None, None] * 150 + 50 + rng.normal(0, 20, (n, 28, 28)), 0, 255)
+        _write_idx(raw / f'{prefix}-images-idx3-ubyte', images)
+        _write_idx(raw / f'{prefix}-labels-idx1-ubyte', labels)
+    def train(root, name):
+        return main(['train', '--data', 'torch/fashion_mnist', '--data-dir', str(root), '--output', str(tmp_path),
+                     '--experiment', name, *TINY_MODEL, '--epochs', '1', '-b', '8'])
+
+    assert train(tmp_path / 'fm', 'tv') == 0
+    config = json.loads((tmp_path / 'tv' / 'last' / 'config.json').read_text())
+    assert config['label_names'][:2] == ['T-shirt/top', 'Trouser'] and len(config['label_names']) == 10
+    assert main(['validate', '--checkpoint', str(tmp_path / 'tv'), '--data', 'torch/fashion_mnist', '--data-dir',
+                 str(tmp_path / 'fm'), '-j', '0']) == 0
+    assert '(20 images, 0 skipped)' in capsys.readouterr().out
+    assert train(tmp_path / 'nothing', 'missing') == 2
+    err = capsys.readouterr().err
+    assert 'torch/fashion_mnist (train split) not found under' in err and '--dataset-download' in err

@@ -44,8 +44,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group('setup')
     g.add_argument('--config', type=Path, help='YAML file of flag values (keys as flag names, - or _)')
     g.add_argument('--recipe', choices=sorted(RECIPES), help='preset of flag defaults: ' + ', '.join(sorted(RECIPES)))
-    g.add_argument('--data', help='ImageFolder tree (train/ and val/ inside) or a .tar/.tar.gz of one; '
-                                  'default: the bundled Fashion-MNIST subset')
+    g.add_argument('--data', help='ImageFolder tree (train/ and val/ inside), a .tar/.tar.gz of one, or a timm '
+                                  'source (torch/cifar10, hfds/<hub id>); default: the bundled Fashion-MNIST subset')
+    g.add_argument('--data-dir', type=Path, help='root folder of a timm source (default: the cache)')
+    g.add_argument('--dataset-download', action='store_true', help='let a torch/ source download missing files')
     g.add_argument('--output', type=Path, default=Path('runs'), help='parent folder of run folders (default runs/)')
     g.add_argument('--experiment', help='run folder name (default: <model>-<date>-<time>)')
     g.add_argument('--resume', type=Path, help='run folder or checkpoint folder to continue exactly where it stopped')

@@ -32,7 +32,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from ..data import build_datasets, resolve_data_dir
+from ..data import build_datasets, build_timm_datasets, is_timm_source, resolve_data_dir
 from ..evaluate import evaluate, save_confusion_matrix_png, write_results
 from ..fileio import atomic_write_text
 from ..inference import infer_num_classes, write_model_folder
@@ -170,13 +170,18 @@ def _train(cfg: argparse.Namespace, env: DistEnv) -> dict:
     _setup_logging(run_dir, env)
     seed_all(_seed(cfg.seed, env.rank))
 
-    # data: rank 0 extracts an archive first, the others then find it in the cache
-    if env.is_main:
+    # data: rank 0 extracts (or downloads) first, the others then find it in the cache
+    def load_data():
+        if is_timm_source(cfg.data):
+            return cfg.data, *build_timm_datasets(cfg.data, cfg.data_dir, download=cfg.dataset_download)
         data_dir = resolve_data_dir(cfg.data)
+        return data_dir, *build_datasets(data_dir, strict=cfg.strict)
+
+    if env.is_main:
+        data_dir, train_ds, val_ds, class_names = load_data()
     env.barrier()
     if not env.is_main:
-        data_dir = resolve_data_dir(cfg.data)
-    train_ds, val_ds, class_names = build_datasets(data_dir, strict=cfg.strict)
+        data_dir, train_ds, val_ds, class_names = load_data()
     for skipped_path, reason in train_ds.skipped + val_ds.skipped:
         _logger.warning('skipped %s: %s', skipped_path, reason)
     if train_ds.num_skipped or val_ds.num_skipped:
