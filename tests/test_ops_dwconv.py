@@ -321,8 +321,9 @@ def test_kernels_compile_for_hopper(monkeypatch, channels_last):
     for kernel, constexprs, pointers in (
             (kernels.forward, dict(FLIP=True, HAS_BIAS=True, **blocks), dict(x_ptr='*bf16', w_ptr='*bf16',
                                                                              b_ptr='*bf16', y_ptr='*bf16')),
-            (kernels.weight_grad, blocks, dict(x_ptr='*bf16', dy_ptr='*bf16', dw_part_ptr='*fp32',
-                                               db_part_ptr='*fp32'))):
+            *((kernels.weight_grad, dict(ACT=act, **blocks), dict(x_ptr='*bf16', dy_ptr='*bf16',
+                                                                 dw_part_ptr='*fp32', db_part_ptr='*fp32'))
+              for act in (False, True))):  # ACT: the fused modulation's GELU-on-load variant
         constexprs.update({name: 1 for name in unit_strides if name in kernel.arg_names})
         signature = {name: 'constexpr' if name in constexprs else pointers.get(name, 'i32')
                      for name in kernel.arg_names}

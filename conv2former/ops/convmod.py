@@ -13,8 +13,8 @@ Backward: autograd saves only a, v, weight and bias; A is recomputed.
    ``dA_pre`` (the gradient of the conv output before the weighting) and ``dv``; skipped for ``sum``/``none``, where
    both equal the incoming gradient, and without the conv recompute when nothing needs A (``mul``/``none``, no dv).
 2. ``grad_input`` kernel: transposed depthwise conv of ``dA_pre`` with GELU'(a) applied in its epilogue -> da.
-3. ``grad_weight`` kernel: the depthwise weight/bias gradient of (GELU(a), dA_pre), GELU applied to each loaded tap.
-Kernels 2 and 3 are variants of ``dwconv``'s input- and weight-gradient kernels with the GELU fused in.
+3. ``grad_weight``: ``dwconv``'s weight/bias-gradient kernel of (GELU(a), dA_pre), with GELU applied to each loaded
+   tap (its ``ACT`` variant). Kernel 2 is a variant of ``dwconv``'s input-gradient kernel with GELU' in its epilogue.
 
 The per-map weightings ``'l1'`` and ``'minmax'`` need statistics over all positions of a map before any output can be
 written, so they are not fused (``FUSED_WEIGHTINGS``); the model keeps its unfused path for them.
@@ -30,7 +30,8 @@ import torch
 from torch import Tensor
 
 from .dwconv import (MAX_KERNEL_SIZE, MIN_KERNEL_SIZE, SUPPORTED_DTYPES, _accumulator_dtypes, _empty_output,
-                     _is_channels_last, _taps_by_channel, _tile_config, _weight_grad_splits, interpreter_enabled)
+                     _is_channels_last, _taps_by_channel, _tile_config, interpreter_enabled)
+from .dwconv import _launch_weight_grad as dwconv_launch_weight_grad
 
 try:
     import triton
@@ -155,67 +156,16 @@ def _convmod_input_grad_kernel(g_ptr, a_ptr, w_ptr, da_ptr, C, H, W,
     tl.store(da_ptr + pid_b * sdb + c3 * sdc + h3 * sdh + w3 * sdw, acc.to(da_ptr.dtype.element_ty), mask=mask)
 
 
-def _convmod_weight_grad_kernel(a_ptr, g_ptr, dw_part_ptr, db_part_ptr, B, C, H, W, SPLITS,
-                                sab, sac, sah, saw, sgb, sgc, sgh, sgw,
-                                K: tl.constexpr, ACT: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_C: tl.constexpr,
-                                BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    """dwconv's weight-gradient kernel with GELU applied to each loaded tap of ``a`` when ACT:
-
-    dw_part[(s*B + b), i*K + j, c] = sum g[b, c, h, w] * act(a)[b, c, h + i - K//2, w + j - K//2];
-    db_part[(s*B + b), c] = sum g[b, c, h, w], over the spatial tiles s, s+SPLITS, ... (the caller sums axis 0).
-    """
-    pid_s = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    pid_b = tl.program_id(2).to(tl.int64)
-    tiles_w = (W + BLOCK_W - 1) // BLOCK_W
-    n_tiles = (H + BLOCK_H - 1) // BLOCK_H * tiles_w
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
-    c3 = offs_c[:, None, None]
-    mask_c3 = mask_c[:, None, None]
-    a_base = a_ptr + pid_b * sab + c3 * sac
-    g_base = g_ptr + pid_b * sgb + c3 * sgc
-    part_row = pid_s * B + pid_b
-
-    acc = tl.full((BLOCK_C, BLOCK_H, BLOCK_W), 0, ACC_DTYPE)
-    for t in range(pid_s, n_tiles, SPLITS):
-        h3 = ((t // tiles_w) * BLOCK_H + tl.arange(0, BLOCK_H))[None, :, None]
-        w3 = ((t % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W))[None, None, :]
-        acc += tl.load(g_base + h3 * sgh + w3 * sgw, mask=mask_c3 & (h3 < H) & (w3 < W), other=0.0).to(ACC_DTYPE)
-    tl.store(db_part_ptr + part_row * C + offs_c, tl.reduce(tl.reduce(acc, 2, _SUM), 1, _SUM), mask=mask_c)
-
-    for tap in range(K * K):
-        di = tap // K - K // 2
-        dj = tap % K - K // 2
-        acc = tl.full((BLOCK_C, BLOCK_H, BLOCK_W), 0, ACC_DTYPE)
-        for t in range(pid_s, n_tiles, SPLITS):
-            h3 = ((t // tiles_w) * BLOCK_H + tl.arange(0, BLOCK_H))[None, :, None]
-            w3 = ((t % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W))[None, None, :]
-            out_mask = mask_c3 & (h3 < H) & (w3 < W)
-            gv = tl.load(g_base + h3 * sgh + w3 * sgw, mask=out_mask, other=0.0).to(ACC_DTYPE)
-            in_h = h3 + di
-            in_w = w3 + dj
-            in_mask = out_mask & (in_h >= 0) & (in_h < H) & (in_w >= 0) & (in_w < W)
-            x = tl.load(a_base + in_h * sah + in_w * saw, mask=in_mask, other=0.0).to(ACC_DTYPE)
-            if ACT:
-                x = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
-            acc += gv * x
-        tl.store(dw_part_ptr + (part_row * (K * K) + tap) * C + offs_c, tl.reduce(tl.reduce(acc, 2, _SUM), 1, _SUM),
-                 mask=mask_c)
-
-
 class _Kernels(NamedTuple):
     modulate: object
     input_grad: object
-    weight_grad: object
 
 
 @functools.lru_cache(maxsize=None)
 def _kernels(interpret: bool) -> _Kernels:
     """Jit the kernels for the current mode (``interpret`` keys the cache; triton reads it while jitting)."""
     assert interpret == interpreter_enabled()
-    return _Kernels(*(triton.jit(fn) for fn in (_convmod_kernel, _convmod_input_grad_kernel,
-                                                _convmod_weight_grad_kernel)))
+    return _Kernels(*(triton.jit(fn) for fn in (_convmod_kernel, _convmod_input_grad_kernel)))
 
 
 # --------------------------------------------------------------------------------------------------------- launchers
@@ -285,21 +235,7 @@ def _launch_input_grad(grad_pre: Tensor, a: Tensor, weight: Tensor, act: bool) -
 def _launch_weight_grad(grad_pre: Tensor, a: Tensor, k: int, act: bool,
                         splits: Optional[int] = None) -> tuple[Tensor, Tensor]:
     """(grad_weight (C, 1, k, k), grad_bias (C,)) of the depthwise conv of act(a), in a's dtype."""
-    kernels = _require_launchable(a)
-    batch, channels, height, width = a.shape
-    grid, blocks = _grid_and_blocks(a)
-    n_tiles, channel_blocks = grid[0], grid[1]
-    if splits is None:
-        splits = _weight_grad_splits(batch, channel_blocks, n_tiles, a.device)
-    acc_torch, acc_triton = _accumulator_dtypes(a.dtype)
-    dw_part = torch.zeros(splits * batch, k * k, channels, device=a.device, dtype=acc_torch)
-    db_part = torch.zeros(splits * batch, channels, device=a.device, dtype=acc_torch)
-    if a.numel() > 0:
-        kernels.weight_grad[(splits, channel_blocks, batch)](
-            a, grad_pre, dw_part, db_part, batch, channels, height, width, splits, *a.stride(), *grad_pre.stride(),
-            K=k, ACT=act, ACC_DTYPE=acc_triton, num_warps=4, **blocks)
-    grad_weight = dw_part.sum(0).t().contiguous().view(channels, 1, k, k).to(a.dtype)
-    return grad_weight, db_part.sum(0).to(a.dtype)
+    return dwconv_launch_weight_grad(grad_pre, a, k, splits=splits, act=act)
 
 
 # ----------------------------------------------------------------------------------------------------- custom ops

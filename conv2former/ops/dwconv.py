@@ -100,12 +100,13 @@ def _dwconv_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, C, H, W,
 
 def _dwconv_wgrad_kernel(x_ptr, dy_ptr, dw_part_ptr, db_part_ptr, B, C, H, W, SPLITS,
                          sxb, sxc, sxh, sxw, sdb, sdc, sdh, sdw,
-                         K: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_C: tl.constexpr,
+                         K: tl.constexpr, ACT: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_C: tl.constexpr,
                          BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
     """Partial weight/bias gradients of program (split s, channel block, batch b) over spatial tiles s, s+SPLITS, ...
 
-    dw_part[(s*B + b), i*K + j, c] = sum dy[b, c, h, w] * x[b, c, h + i - K//2, w + j - K//2];
+    dw_part[(s*B + b), i*K + j, c] = sum dy[b, c, h, w] * act(x)[b, c, h + i - K//2, w + j - K//2];
     db_part[(s*B + b), c] = sum dy[b, c, h, w]. Both buffers are ACC_DTYPE; the caller sums over the first axis.
+    act is GELU on each loaded tap when ACT (the fused modulation's input), else the identity.
     """
     pid_s = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -139,7 +140,10 @@ def _dwconv_wgrad_kernel(x_ptr, dy_ptr, dw_part_ptr, db_part_ptr, B, C, H, W, SP
             in_h = h3 + di
             in_w = w3 + dj
             in_mask = out_mask & (in_h >= 0) & (in_h < H) & (in_w >= 0) & (in_w < W)
-            acc += dyv * tl.load(x_base + in_h * sxh + in_w * sxw, mask=in_mask, other=0.0).to(ACC_DTYPE)
+            xv = tl.load(x_base + in_h * sxh + in_w * sxw, mask=in_mask, other=0.0).to(ACC_DTYPE)
+            if ACT:
+                xv = 0.5 * xv * (1.0 + tl.erf(xv * 0.7071067811865476))
+            acc += dyv * xv
         tl.store(dw_part_ptr + (part_row * (K * K) + tap) * C + offs_c, tl.reduce(tl.reduce(acc, 2, _SUM), 1, _SUM),
                  mask=mask_c)
 
@@ -229,8 +233,10 @@ def _weight_grad_splits(batch: int, channel_blocks: int, n_tiles: int, device: t
     return max(1, min(n_tiles, triton.cdiv(target, batch * channel_blocks)))
 
 
-def _launch_weight_grad(grad_y: Tensor, x: Tensor, k: int, splits: Optional[int] = None) -> tuple[Tensor, Tensor]:
-    """(grad_weight (C, 1, k, k), grad_bias (C,)) in x's dtype; ``splits`` overrides the heuristic (for tests)."""
+def _launch_weight_grad(grad_y: Tensor, x: Tensor, k: int, splits: Optional[int] = None,
+                        act: bool = False) -> tuple[Tensor, Tensor]:
+    """(grad_weight (C, 1, k, k), grad_bias (C,)) in x's dtype of the depthwise conv of x (GELU(x) when ``act``);
+    ``splits`` overrides the heuristic (for tests)."""
     kernels = _require_launchable(x)
     batch, channels, height, width = x.shape
     block_c, block_h, block_w = _tile_config(channels, height, width, _is_channels_last(x))
@@ -244,7 +250,7 @@ def _launch_weight_grad(grad_y: Tensor, x: Tensor, k: int, splits: Optional[int]
     if x.numel() > 0:
         kernels.weight_grad[(splits, channel_blocks, batch)](
             x, grad_y, dw_part, db_part, batch, channels, height, width, splits, *x.stride(), *grad_y.stride(),
-            K=k, ACC_DTYPE=acc_triton, BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w, num_warps=4)
+            K=k, ACT=act, ACC_DTYPE=acc_triton, BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w, num_warps=4)
     grad_weight = dw_part.sum(0).t().contiguous().view(channels, 1, k, k).to(x.dtype)
     return grad_weight, db_part.sum(0).to(x.dtype)
 
