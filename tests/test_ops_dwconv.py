@@ -347,13 +347,13 @@ def test_kernels_compile_for_hopper(monkeypatch, channels_last):
     (torch.randn(1, 4, 8, 8), torch.randn(4, 1, 33, 33), None, r'odd kernel size in \[3, 31\], got 33'),
     (torch.randn(1, 4, 8, 8), torch.randn(4, 1, 3, 3), torch.randn(5), r'bias of shape \(4,\), got \(5,\)'),
     (torch.randn(1, 4, 8, 8), torch.randn(4, 1, 3, 3, dtype=torch.float64), None,
-     'weight dtype torch.float32 .*got torch.float64'),
+     'weight of dtype torch.float32 .*got torch.float64'),
     (torch.randn(1, 4, 8, 8), torch.randn(4, 1, 3, 3), torch.randn(4, dtype=torch.float16),
-     'bias dtype torch.float32 .*got torch.float16'),
+     'bias of dtype torch.float32 .*got torch.float16'),
     (torch.randn(1, 4, 8, 8), torch.randn(4, 1, 3, 3, device='meta'), None,
-     'weight on the input device cpu, got meta'),
+     r'weight on the device of the input \(cpu\), got meta'),
     (torch.randn(1, 4, 8, 8), torch.randn(4, 1, 3, 3), torch.randn(4, device='meta'),
-     'bias on the input device cpu, got meta'),
+     r'bias on the device of the input \(cpu\), got meta'),
 ], ids=['3d-input', 'int-dtype', 'weight-channels', 'weight-not-depthwise', 'weight-not-square', 'weight-2d',
         'even-k', 'k1', 'k33', 'bias-shape', 'weight-dtype', 'bias-dtype', 'weight-device', 'bias-device'])
 def test_validation_errors(x, weight, bias, match):

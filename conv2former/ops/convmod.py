@@ -29,8 +29,9 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .dwconv import (MAX_KERNEL_SIZE, MIN_KERNEL_SIZE, SUPPORTED_DTYPES, _accumulator_dtypes, _empty_output,
-                     _is_channels_last, _taps_by_channel, _tile_config, interpreter_enabled)
+from .dwconv import (_accumulator_dtypes, _empty_output, _is_channels_last, _taps_by_channel, _tile_config,
+                     interpreter_enabled)
+from .dwconv import _validate as _validate_conv
 from .dwconv import _launch_weight_grad as dwconv_launch_weight_grad
 
 try:
@@ -326,31 +327,10 @@ def _validate(a: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor], act,
         raise ValueError(f'conv_modulation fusion must be one of {FUSIONS}, got {fusion!r}')
     if not isinstance(act, bool):
         raise ValueError(f'conv_modulation act must be a bool (GELU or identity), got {act!r}')
-    if a.dim() != 4:
-        raise ValueError(f'conv_modulation expects 4-D inputs (B, C, H, W), got a of shape {tuple(a.shape)}')
     if v.shape != a.shape:
         raise ValueError(f'conv_modulation expects a and v of the same shape, got {tuple(a.shape)} and '
                          f'{tuple(v.shape)}')
-    if a.dtype not in SUPPORTED_DTYPES:
-        names = ', '.join(str(d).removeprefix('torch.') for d in SUPPORTED_DTYPES)
-        raise ValueError(f'conv_modulation supports dtypes {names}, got {a.dtype}')
-    channels = a.shape[1]
-    if weight.dim() != 4 or weight.shape[0] != channels or weight.shape[1] != 1 or weight.shape[2] != weight.shape[3]:
-        raise ValueError(f'conv_modulation expects a weight of shape (C, 1, k, k) = ({channels}, 1, k, k), got '
-                         f'{tuple(weight.shape)}')
-    k = weight.shape[-1]
-    if k % 2 == 0 or not MIN_KERNEL_SIZE <= k <= MAX_KERNEL_SIZE:
-        raise ValueError(f'conv_modulation expects an odd kernel size in [{MIN_KERNEL_SIZE}, {MAX_KERNEL_SIZE}], '
-                         f'got {k}')
-    if bias is not None and tuple(bias.shape) != (channels,):
-        raise ValueError(f'conv_modulation expects a bias of shape ({channels},), got {tuple(bias.shape)}')
-    for name, tensor in (('v', v), ('weight', weight), ('bias', bias)):
-        if tensor is None:
-            continue
-        if tensor.device != a.device:
-            raise ValueError(f'conv_modulation expects {name} on the device of a ({a.device}), got {tensor.device}')
-        if tensor.dtype != a.dtype:
-            raise ValueError(f'conv_modulation expects {name} of dtype {a.dtype} (that of a), got {tensor.dtype}')
+    _validate_conv(a, weight, bias, op='conv_modulation', x_name='input a', others=(('v', v),))
 
 
 def conv_modulation(a: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor] = None, act: bool = True,

@@ -309,31 +309,32 @@ _depthwise_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
 
 # ------------------------------------------------------------------------------------------------------- public API
 
-def _validate(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
-    """Raise ValueError naming what was expected and what came."""
+def _validate(x: Tensor, weight: Tensor, bias: Optional[Tensor], op: str = 'depthwise_conv2d', x_name: str = 'input',
+              others: tuple = ()) -> None:
+    """Raise ValueError naming what was expected and what came; ``others`` are (name, tensor) pairs that must share
+    x's device and dtype (the fused op's v)."""
     if x.dim() != 4:
-        raise ValueError(f'depthwise_conv2d expects a 4-D input (B, C, H, W), got a {x.dim()}-D tensor of shape '
+        raise ValueError(f'{op} expects a 4-D {x_name} (B, C, H, W), got a {x.dim()}-D tensor of shape '
                          f'{tuple(x.shape)}')
     if x.dtype not in SUPPORTED_DTYPES:
         names = ', '.join(str(d).removeprefix('torch.') for d in SUPPORTED_DTYPES)
-        raise ValueError(f'depthwise_conv2d supports dtypes {names}, got {x.dtype}')
+        raise ValueError(f'{op} supports dtypes {names}, got {x.dtype}')
     channels = x.shape[1]
     if weight.dim() != 4 or weight.shape[0] != channels or weight.shape[1] != 1 or weight.shape[2] != weight.shape[3]:
-        raise ValueError(f'depthwise_conv2d expects a weight of shape (C, 1, k, k) = ({channels}, 1, k, k) for an '
-                         f'input with {channels} channels, got {tuple(weight.shape)}')
+        raise ValueError(f'{op} expects a weight of shape (C, 1, k, k) = ({channels}, 1, k, k) for an {x_name} with '
+                         f'{channels} channels, got {tuple(weight.shape)}')
     k = weight.shape[-1]
     if k % 2 == 0 or not MIN_KERNEL_SIZE <= k <= MAX_KERNEL_SIZE:
-        raise ValueError(f'depthwise_conv2d expects an odd kernel size in [{MIN_KERNEL_SIZE}, {MAX_KERNEL_SIZE}], '
-                         f'got {k}')
+        raise ValueError(f'{op} expects an odd kernel size in [{MIN_KERNEL_SIZE}, {MAX_KERNEL_SIZE}], got {k}')
     if bias is not None and tuple(bias.shape) != (channels,):
-        raise ValueError(f'depthwise_conv2d expects a bias of shape ({channels},), got {tuple(bias.shape)}')
-    for name, tensor in (('weight', weight), ('bias', bias)):
+        raise ValueError(f'{op} expects a bias of shape ({channels},), got {tuple(bias.shape)}')
+    for name, tensor in (*others, ('weight', weight), ('bias', bias)):
         if tensor is None:
             continue
         if tensor.device != x.device:
-            raise ValueError(f'depthwise_conv2d expects {name} on the input device {x.device}, got {tensor.device}')
+            raise ValueError(f'{op} expects {name} on the device of the {x_name} ({x.device}), got {tensor.device}')
         if tensor.dtype != x.dtype:
-            raise ValueError(f'depthwise_conv2d expects {name} dtype {x.dtype} (the input dtype), got {tensor.dtype}')
+            raise ValueError(f'{op} expects {name} of dtype {x.dtype} (that of the {x_name}), got {tensor.dtype}')
 
 
 def depthwise_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
