@@ -31,6 +31,7 @@ from .models import MODEL_CONFIGS, load_state_dict_file, unwrap_state_dict
 
 __all__ = [
     'infer_num_classes',
+    'pretrained_overlay',
     'write_model_folder',
     'load_model',
     'convert_upstream',
@@ -186,6 +187,14 @@ def infer_num_classes(state_dict: Mapping[str, torch.Tensor]) -> int:
         if key in state_dict:
             return int(state_dict[key].shape[0])
     return 0
+
+
+def pretrained_overlay(path: str | Path) -> dict:
+    """timm ``pretrained_cfg_overlay`` for initial weights: a model folder or a weights file (ours or upstream), read
+    without unpickling; its ``num_classes`` lets timm re-initialise a classifier of another size."""
+    path = Path(path)
+    state_dict = unwrap_state_dict(load_state_dict_file(path / WEIGHTS_NAME if path.is_dir() else path))
+    return dict(state_dict=state_dict, num_classes=infer_num_classes(state_dict))
 
 
 def _resolve_folder(path: Path) -> Path:

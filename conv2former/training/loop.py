@@ -35,8 +35,7 @@ from tqdm import tqdm
 from ..data import build_datasets, build_timm_datasets, is_timm_source, resolve_data_dir
 from ..evaluate import evaluate, save_confusion_matrix_png, write_results
 from ..fileio import atomic_write_text
-from ..inference import infer_num_classes, write_model_folder
-from ..models import load_state_dict_file, unwrap_state_dict
+from ..inference import pretrained_overlay, write_model_folder
 from ..report import write_report
 from .checkpoint import (checkpoint_name, find_resume_checkpoint, list_checkpoints, load_train_state, rng_state,
                          save_checkpoint, set_rng_state)
@@ -86,14 +85,6 @@ def _write_metrics(run_dir: Path, history: list, lr_points: list) -> None:
     atomic_write_text(run_dir / 'lr_schedule.jsonl', ''.join(json.dumps(dict(step=s, lr=lr)) + '\n' for s, lr in lr_points))
 
 
-def _pretrained_overlay(path: Path) -> dict:
-    """timm pretrained_cfg_overlay for a model folder or a weights file (ours or upstream), read without unpickling;
-    its num_classes tells timm whether to re-initialise the classifier."""
-    path = Path(path)
-    state_dict = unwrap_state_dict(load_state_dict_file(path / 'model.safetensors' if path.is_dir() else path))
-    return dict(state_dict=state_dict, num_classes=infer_num_classes(state_dict))
-
-
 def resolve_lr(cfg: argparse.Namespace, world_size: int) -> float:
     """--lr if given, else the paper's linear rule: blr x global batch / 1024."""
     if cfg.lr is not None:
@@ -104,7 +95,7 @@ def resolve_lr(cfg: argparse.Namespace, world_size: int) -> float:
 def build_model(cfg: argparse.Namespace, num_classes: int) -> nn.Module:
     kwargs = dict(cfg.model_kwargs, num_classes=num_classes, drop_path_rate=cfg.drop_path, drop_rate=cfg.drop)
     if cfg.pretrained:
-        kwargs.update(pretrained=True, pretrained_cfg_overlay=_pretrained_overlay(cfg.pretrained))
+        kwargs.update(pretrained=True, pretrained_cfg_overlay=pretrained_overlay(cfg.pretrained))
     if not timm.is_model(cfg.model):
         raise ValueError(f'unknown model {cfg.model!r}; registered Conv2Former models: '
                          f'{timm.list_models("conv2former*")}')
