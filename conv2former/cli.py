@@ -40,6 +40,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from .data import ImageFolderDataset, build_timm_datasets, find_split, is_timm_source, resolve_data_dir
     from .evaluate import evaluate, save_confusion_matrix_png, write_results
     from .inference import load_model
+    from .training.loop import AMP_DTYPES
 
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     model, class_names, data_config = load_model(args.checkpoint, args.model, use_ema=args.use_ema, device=device)
@@ -57,16 +58,15 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    amp = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(args.amp)
-    result = evaluate(model, loader, device, len(dataset.class_names), amp_dtype=amp, channels_last=args.channels_last)
-    out_dir = Path(args.results_file).parent if args.results_file else Path(args.checkpoint)
-    if not out_dir.is_dir():
-        out_dir = Path('.')
+    result = evaluate(model, loader, device, len(dataset.class_names), amp_dtype=AMP_DTYPES.get(args.amp),
+                      channels_last=args.channels_last)
     extra = dict(model=getattr(model, 'pretrained_cfg', {}).get('architecture', args.model),
                  img_size=data_config['input_size'][-1], crop_pct=data_config['crop_pct'],
                  interpolation=data_config['interpolation'], checkpoint=str(args.checkpoint), split=str(split_dir),
                  skipped_images=dataset.num_skipped)
-    results_file = Path(args.results_file) if args.results_file else out_dir / 'validate_results.json'
+    checkpoint = Path(args.checkpoint)
+    default_dir = checkpoint if checkpoint.is_dir() else Path('.')
+    results_file = Path(args.results_file or default_dir / 'validate_results.json')
     write_results(result, dataset.class_names,
                   json_path=results_file if results_file.suffix != '.csv' else None,
                   csv_path=results_file if results_file.suffix == '.csv' else None, extra=extra)

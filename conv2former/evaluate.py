@@ -9,7 +9,6 @@ import csv
 import io
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path

@@ -13,8 +13,9 @@ import os
 import shutil
 import uuid
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import safetensors.torch
@@ -393,10 +394,8 @@ def predict(
     if batch_size < 1:
         raise ValueError(f'batch_size must be >= 1, got {batch_size}')
     transform = timm.data.create_transform(**{k: data_config[k] for k in _TRANSFORM_KEYS if k in data_config})
-    was_training = model.training
-    model.to(device).eval()
     results = []
-    try:
+    with _eval_mode(model.to(device)):
         for start in range(0, len(images), batch_size):
             paths = [Path(p) for p in images[start:start + batch_size]]
             batch = torch.stack([transform(_open_rgb(p)) for p in paths]).to(device)
@@ -412,8 +411,6 @@ def predict(
                 results.append(dict(image=str(path), top=[
                     dict(label=str(class_names[i]) if class_names is not None else str(i), index=int(i), prob=float(p))
                     for p, i in zip(ps, idxs)]))
-    finally:
-        model.train(was_training)
     return results
 
 
@@ -433,6 +430,17 @@ def format_predictions(results: list[dict]) -> str:
 
 # ---------------------------------------------------------------------------------------------------------------
 # export
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode for the block; its training flag is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def _example(model: nn.Module, batch: int, in_chans: int, img_size: int) -> torch.Tensor:
@@ -458,10 +466,7 @@ def export_onnx(
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = _unwrap_module(model)
-    was_training = model.training
-    model.eval()
-    try:
+    with _eval_mode(_unwrap_module(model)) as model:
         example = _example(model, 2, in_chans, img_size)  # batch 2: a batch of 1 would be specialised
         names = dict(input_names=['input'], output_names=['logits'])
         # weights go into the .onnx file itself unless they approach protobuf's 2 GB limit
@@ -505,8 +510,6 @@ def export_onnx(
                 raise RuntimeError(f'ONNX model {path} ({exporter} exporter) disagrees with PyTorch: max abs diff '
                                    f'{diff:.3g} (shapes {got.shape} vs {expected.shape})')
             _logger.info('onnxruntime check passed (max abs diff %.2e)', diff)
-    finally:
-        model.train(was_training)
     return path
 
 
@@ -518,10 +521,7 @@ def export_torch(model: nn.Module, path: str | Path, img_size: int, in_chans: in
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = _unwrap_module(model)
-    was_training = model.training
-    model.eval()
-    try:
+    with _eval_mode(_unwrap_module(model)) as model:
         example = _example(model, 2, in_chans, img_size)
         with torch.no_grad():
             try:
@@ -540,6 +540,4 @@ def export_torch(model: nn.Module, path: str | Path, img_size: int, in_chans: in
         diff = float((got - expected).abs().max())
         if not diff < 1e-4:
             raise RuntimeError(f'reloaded program {path} disagrees with the model: max abs diff {diff:.3g}')
-    finally:
-        model.train(was_training)
     return path

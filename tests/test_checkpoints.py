@@ -1,7 +1,6 @@
 """Checkpoints: safetensors and upstream round-trips, timm's head/in_chans adaptation, clear refusals."""
 import argparse
 import os
-import pickle
 
 import pytest
 import timm

@@ -1,6 +1,5 @@
 """Inference helpers: model folders, loading, upstream conversion, prediction on real image files, export."""
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +22,6 @@ from conv2former.inference import (
 
 TINY = dict(depths=(1, 1, 1, 1), dims=(16, 16, 32, 32), head_hidden_size=64)
 LABELS = ['cat', 'dog', 'bird']
-FIXTURES = Path(os.environ.get(
-    'CONV2FORMER_FIXTURES', Path(__file__).resolve().parents[2] / 'shared/fixtures/official'))
 FIXTURE_ARGS = dict(dims=[16, 32, 48, 64], depths=[1, 1, 2, 1], kernel_size=7)
 
 
@@ -49,11 +46,9 @@ def x():
 
 
 @pytest.fixture(scope='module')
-def upstream_fixture():
-    if not (FIXTURES / 'tiny_k7_state_dict.safetensors').is_file():
-        pytest.skip(f'upstream fixtures not found at {FIXTURES} (set CONV2FORMER_FIXTURES)')
-    io = load_file(str(FIXTURES / 'tiny_k7_io.safetensors'))
-    return load_file(str(FIXTURES / 'tiny_k7_state_dict.safetensors')), io['input'].float(), io['logits'].float()
+def upstream_fixture(fixtures_dir):
+    io = load_file(str(fixtures_dir / 'tiny_k7_io.safetensors'))
+    return load_file(str(fixtures_dir / 'tiny_k7_state_dict.safetensors')), io['input'].float(), io['logits'].float()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -2,3 +2,8 @@
 from .checkpoint import load_state_dict_file, unwrap_state_dict
 from .conv2former import MODEL_CONFIGS, Conv2Former, checkpoint_filter_fn
 from .isotropic import Conv2FormerIsotropic
+
+__all__ = [
+    'MODEL_CONFIGS', 'Conv2Former', 'Conv2FormerIsotropic', 'checkpoint_filter_fn', 'load_state_dict_file',
+    'unwrap_state_dict',
+]

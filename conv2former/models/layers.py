@@ -145,8 +145,9 @@ class ConvModulation(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
-            m = conv_modulation(self.a_proj(x), self.v_proj(x), self.dwconv.weight, self.dwconv.bias,
-                                act=not isinstance(self.a_act, nn.Identity), fusion=self.fusion, weighting=self.weighting)
+            m = conv_modulation(
+                self.a_proj(x), self.v_proj(x), self.dwconv.weight, self.dwconv.bias,
+                act=not isinstance(self.a_act, nn.Identity), fusion=self.fusion, weighting=self.weighting)
             return self.proj(m)
         a = self.modulation(x)
         v = self.v_proj(x)

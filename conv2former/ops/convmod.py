@@ -29,8 +29,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .dwconv import (_accumulator_dtypes, _empty_output, _is_channels_last, _taps_by_channel, _tile_config,
-                     interpreter_enabled)
+from .dwconv import (_accumulator_dtypes, _empty_output, _is_channels_last, _launch_mode, _taps_by_channel,
+                     _tile_config, interpreter_enabled)
 from .dwconv import _validate as _validate_conv
 from .dwconv import _launch_weight_grad as dwconv_launch_weight_grad
 
@@ -173,13 +173,7 @@ def _kernels(interpret: bool) -> _Kernels:
 
 def _require_launchable(x: Tensor) -> _Kernels:
     """The kernels for ``x``'s device, or a RuntimeError saying what is missing."""
-    if triton is None:
-        raise RuntimeError('conv2former.ops.conv_modulation needs triton, which is not installed')
-    interpret = interpreter_enabled()
-    if not x.is_cuda and not interpret:
-        raise RuntimeError(f'the Triton conv_modulation runs on CUDA tensors, got a tensor on {x.device}; '
-                           'to run it on CPU set TRITON_INTERPRET=1 (the Triton interpreter) before the first call')
-    return _kernels(interpret)
+    return _kernels(_launch_mode(x, 'conv_modulation'))
 
 
 def _grid_and_blocks(x: Tensor) -> tuple[tuple[int, int, int], dict]:

@@ -162,16 +162,22 @@ def _kernels(interpret: bool) -> _Kernels:
 
 # --------------------------------------------------------------------------------------------------------- launchers
 
-def _require_launchable(x: Tensor) -> _Kernels:
-    """The kernels for ``x``'s device, or a RuntimeError saying what is missing."""
+def _launch_mode(x: Tensor, op: str) -> bool:
+    """Whether kernels run interpreted for ``x`` (CPU with TRITON_INTERPRET=1); a RuntimeError saying what is
+    missing when they cannot run at all."""
     if triton is None:
-        raise RuntimeError('conv2former.ops.depthwise_conv2d needs triton, which is not installed '
+        raise RuntimeError(f'conv2former.ops.{op} needs triton, which is not installed '
                            '(use conv2former.ops.dwconv2d with CONV2FORMER_KERNELS=torch for the PyTorch path)')
     interpret = interpreter_enabled()
     if not x.is_cuda and not interpret:
-        raise RuntimeError(f'the Triton depthwise conv runs on CUDA tensors, got a tensor on {x.device}; '
+        raise RuntimeError(f'the Triton {op} runs on CUDA tensors, got a tensor on {x.device}; '
                            'to run it on CPU set TRITON_INTERPRET=1 (the Triton interpreter) before the first call')
-    return _kernels(interpret)
+    return interpret
+
+
+def _require_launchable(x: Tensor) -> _Kernels:
+    """The kernels for ``x``'s device, or a RuntimeError saying what is missing."""
+    return _kernels(_launch_mode(x, 'depthwise_conv2d'))
 
 
 def _is_channels_last(x: Tensor) -> bool:

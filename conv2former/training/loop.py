@@ -10,7 +10,6 @@ import csv
 import io
 import json
 import logging
-import os
 import random
 import time
 from datetime import datetime
@@ -82,7 +81,8 @@ def _write_metrics(run_dir: Path, history: list, lr_points: list) -> None:
         writer.writeheader()
         writer.writerows(history)
     atomic_write_text(run_dir / 'metrics.csv', buf.getvalue())
-    atomic_write_text(run_dir / 'lr_schedule.jsonl', ''.join(json.dumps(dict(step=s, lr=lr)) + '\n' for s, lr in lr_points))
+    lr_lines = ''.join(json.dumps(dict(step=s, lr=lr)) + '\n' for s, lr in lr_points)
+    atomic_write_text(run_dir / 'lr_schedule.jsonl', lr_lines)
 
 
 def resolve_lr(cfg: argparse.Namespace, world_size: int) -> float:
