@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import uuid
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +25,7 @@ from timm.models import split_model_name_tag
 from timm.models._hub import save_config_for_hf
 
 from .data import load_rgb
+from .fileio import atomic_folder
 from .models import MODEL_CONFIGS, load_state_dict_file, unwrap_state_dict
 
 __all__ = [
@@ -57,7 +55,7 @@ _TRANSFORM_KEYS = ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'cr
 # model folders
 
 
-def _unwrap_module(model: nn.Module) -> nn.Module:
+def unwrap_module(model: nn.Module) -> nn.Module:
     """Strip torch.compile and (Distributed)DataParallel wrappers."""
     while True:
         if hasattr(model, '_orig_mod'):
@@ -66,21 +64,6 @@ def _unwrap_module(model: nn.Module) -> nn.Module:
             model = model.module
         else:
             return model
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.iterdir():
-        if path.is_file():
-            with path.open('rb') as f:
-                os.fsync(f.fileno())
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # e.g. platforms that cannot open folders
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_model_folder(
@@ -97,10 +80,8 @@ def write_model_folder(
     kwargs that rebuild the architecture) and ``label_names``; ``ema_state_dict`` (same keys as the model) is saved
     as ``model_ema.safetensors``. Returns the folder.
     """
-    model = _unwrap_module(model)
+    model = unwrap_module(model)
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f'cannot write a model folder to {out_dir}: it exists and is not a folder')
     num_classes = getattr(model, 'num_classes', None)
     if label_names is not None:
         label_names = [str(n) for n in label_names]
@@ -118,11 +99,7 @@ def write_model_folder(
                 f'ema_state_dict does not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}, '
                 f'different shapes {shapes[:8]}')
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tag = f'{os.getpid()}-{uuid.uuid4().hex[:8]}'
-    tmp = out_dir.parent / f'.{out_dir.name}.tmp-{tag}'
-    tmp.mkdir()
-    try:
+    with atomic_folder(out_dir) as tmp:
         model_config = dict(label_names=label_names) if label_names else None
         save_config_for_hf(model, str(tmp / CONFIG_NAME), model_config=model_config,
                            model_args=dict(model_args or {}))
@@ -138,21 +115,6 @@ def write_model_folder(
         cfg_file.write_text(json.dumps(cfg, indent=2))
         if ema is not None:
             safetensors.torch.save_file(ema, str(tmp / EMA_WEIGHTS_NAME))
-        _fsync_tree(tmp)
-        if out_dir.exists():
-            old = out_dir.parent / f'.{out_dir.name}.old-{tag}'
-            os.replace(out_dir, old)
-            try:
-                os.replace(tmp, out_dir)
-            except BaseException:
-                os.replace(old, out_dir)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -466,7 +428,7 @@ def export_onnx(
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _eval_mode(_unwrap_module(model)) as model:
+    with _eval_mode(unwrap_module(model)) as model:
         example = _example(model, 2, in_chans, img_size)  # batch 2: a batch of 1 would be specialised
         names = dict(input_names=['input'], output_names=['logits'])
         # weights go into the .onnx file itself unless they approach protobuf's 2 GB limit
@@ -521,7 +483,7 @@ def export_torch(model: nn.Module, path: str | Path, img_size: int, in_chans: in
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _eval_mode(_unwrap_module(model)) as model:
+    with _eval_mode(unwrap_module(model)) as model:
         example = _example(model, 2, in_chans, img_size)
         with torch.no_grad():
             try:

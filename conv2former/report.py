@@ -15,7 +15,7 @@ _EPOCH_COLUMNS = [  # (header, metrics.jsonl key, format)
     ('val loss', 'val_loss', '.4f'),
     ('top-1', 'val_top1', '.2f'),
     ('top-5', 'val_top5', '.2f'),
-    ('EMA top-1', 'ema_top1', '.2f'),  # shown only when the run used EMA
+    ('EMA top-1', 'ema_top1', '.2f'),
     ('lr', 'lr', '.3e'),
     ('img/s', 'img_per_sec', '.1f'),
 ]
@@ -77,24 +77,29 @@ def _line_plot(path: Path, curves: dict[str, tuple[list, list]], xlabel: str, yl
     return path
 
 
-def plot_training_curves(run_dir) -> dict[str, Path]:
-    """Write ``plots/loss.png``, ``plots/accuracy.png`` and ``plots/lr.png`` under ``run_dir`` from its
-    ``metrics.jsonl`` and ``lr_schedule.jsonl`` (lr falls back to the per-epoch values); nulls are skipped. Returns
-    ``{name: path}`` for the plots that had data."""
+CLASSIFICATION_CURVES = {'val top-1': 'val_top1', 'val top-5': 'val_top5', 'EMA top-1': 'ema_top1'}
+
+
+def plot_training_curves(run_dir, metric_curves: dict[str, str] | None = None, metric_label: str = 'accuracy (%)',
+                         metric_title: str = 'Validation accuracy') -> dict[str, Path]:
+    """Write ``plots/loss.png``, ``plots/<metric>.png`` and ``plots/lr.png`` under ``run_dir`` from its
+    ``metrics.jsonl`` and ``lr_schedule.jsonl`` (lr falls back to the per-epoch values); nulls are skipped.
+    ``metric_curves`` maps curve labels to ``metrics.jsonl`` keys (default: classification accuracy, plotted as
+    ``accuracy.png``; otherwise ``metrics.png``). Returns ``{name: path}`` for the plots that had data."""
     run_dir = Path(run_dir)
     metrics = _load(run_dir / 'metrics.jsonl', 'epoch')
     lr_schedule = _load(run_dir / 'lr_schedule.jsonl', 'step') or metrics
     plots = run_dir / 'plots'
+    metric_name = 'accuracy' if metric_curves is None else 'metrics'
+    metric_curves = CLASSIFICATION_CURVES if metric_curves is None else metric_curves
     paths = {
         'loss': _line_plot(plots / 'loss.png', {
             'train': _series(metrics, 'epoch', 'train_loss'),
             'val': _series(metrics, 'epoch', 'val_loss'),
-        }, 'epoch', 'cross-entropy loss', 'Loss'),
-        'accuracy': _line_plot(plots / 'accuracy.png', {
-            'val top-1': _series(metrics, 'epoch', 'val_top1'),
-            'val top-5': _series(metrics, 'epoch', 'val_top5'),
-            'EMA top-1': _series(metrics, 'epoch', 'ema_top1'),
-        }, 'epoch', 'accuracy (%)', 'Validation accuracy'),
+        }, 'epoch', 'loss', 'Loss'),
+        metric_name: _line_plot(plots / f'{metric_name}.png', {
+            label: _series(metrics, 'epoch', key) for label, key in metric_curves.items()
+        }, 'epoch', metric_label, metric_title),
         'lr': _line_plot(plots / 'lr.png', {'lr': _series(lr_schedule, 'step', 'lr')}, 'optimizer step',
                          'learning rate', 'Learning-rate schedule'),
     }
@@ -132,11 +137,18 @@ def _epoch_value(value, fmt: str) -> str:
     return format(value, fmt)
 
 
-def write_report(run_dir, config: dict, final_metrics: dict, title: str = 'Conv2Former training run') -> Path:
+def write_report(run_dir, config: dict, final_metrics: dict, title: str = 'Conv2Former training run',
+                 columns: list[tuple[str, str, str]] | None = None, metric_curves: dict[str, str] | None = None,
+                 metric_label: str = 'accuracy (%)', images: dict[str, str] | None = None) -> Path:
     """Write ``run_dir/report.md`` atomically: configuration (nested keys dotted, sorted), final metrics, per-epoch
-    table, the training curves (rendered here via ``plot_training_curves``) and ``confusion_matrix.png`` if present."""
+    table, the training curves (rendered here via ``plot_training_curves``) and ``confusion_matrix.png`` if present.
+
+    Dense tasks pass their own ``columns`` ((header, metrics.jsonl key, format) triples; a column whose values are
+    all null is left out; of the default classification columns only 'EMA top-1' is), ``metric_curves`` ({label: key}) and ``images`` ({caption: path relative to run_dir}, e.g.
+    prediction overlays)."""
     run_dir = Path(run_dir)
-    plots = plot_training_curves(run_dir)
+    plots = plot_training_curves(run_dir, metric_curves, metric_label,
+                                 'Validation accuracy' if metric_curves is None else 'Validation metrics')
     metrics = _load(run_dir / 'metrics.jsonl', 'epoch')
 
     generated = f'{datetime.now().astimezone():%Y-%m-%d %H:%M %Z}'
@@ -148,8 +160,9 @@ def write_report(run_dir, config: dict, final_metrics: dict, title: str = 'Conv2
     lines += _table(['metric', 'value'], metric_rows) if metric_rows else ['_No final metrics recorded._']
     lines += ['', '## Per-epoch metrics', '']
     if metrics:
-        has_ema = any(r.get('ema_top1') is not None for r in metrics)
-        columns = [c for c in _EPOCH_COLUMNS if c[1] != 'ema_top1' or has_ema]
+        optional = {c[1] for c in columns} if columns else {'ema_top1'}  # classification: only EMA may go
+        columns = [c for c in columns or _EPOCH_COLUMNS
+                   if c[1] not in optional or any(r.get(c[1]) is not None for r in metrics)]
         rows = [[_epoch_value(r.get(key), fmt) for _, key, fmt in columns] for r in metrics]
         lines += _table([header for header, _, _ in columns], rows)
     else:
@@ -160,4 +173,8 @@ def write_report(run_dir, config: dict, final_metrics: dict, title: str = 'Conv2
             lines += ['', f'![{name}]({path.relative_to(run_dir).as_posix()})']
     if (run_dir / 'confusion_matrix.png').is_file():
         lines += ['', '## Confusion matrix', '', '![confusion matrix](confusion_matrix.png)']
+    if images:
+        lines += ['', '## Predictions (left: ground truth, right: prediction)']
+        for caption, path in images.items():
+            lines += ['', f'![{caption}]({path})']
     return atomic_write_text(run_dir / 'report.md', '\n'.join(lines) + '\n')

@@ -138,20 +138,25 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path, 
 def test_a_crash_while_writing_never_corrupts_the_last_checkpoint(tmp_path, monkeypatch):
     import timm
     from conv2former.training import checkpoint as ckpt
+    from conv2former.inference import write_model_folder
     model = timm.create_model('conv2former_n', depths=(1, 1, 1, 1), dims=(16, 16, 32, 32), num_classes=2)
-    good = save_checkpoint(tmp_path, 'epoch-0001-step-00000010', model, {}, ['a', 'b'], dict(step=10))
+
+    def write(folder):
+        write_model_folder(model, folder, {}, label_names=['a', 'b'])
+
+    good = save_checkpoint(tmp_path, 'epoch-0001-step-00000010', write, dict(step=10))
 
     def crash(*args, **kwargs):
         raise OSError('disk full')
 
     monkeypatch.setattr(ckpt.torch, 'save', crash)
     with pytest.raises(OSError, match='disk full'):
-        save_checkpoint(tmp_path, 'epoch-0002-step-00000020', model, {}, ['a', 'b'], dict(step=20))
+        save_checkpoint(tmp_path, 'epoch-0002-step-00000020', write, dict(step=20))
     monkeypatch.undo()
     assert find_resume_checkpoint(tmp_path) == good
     assert torch.load(good / 'train_state.pt', weights_only=True)['step'] == 10
     for i in range(3, 7):  # retention: only the newest 3 complete checkpoints stay
-        save_checkpoint(tmp_path, f'epoch-000{i}-step-000000{i}0', model, {}, ['a', 'b'], dict(step=i), keep=3)
+        save_checkpoint(tmp_path, f'epoch-000{i}-step-000000{i}0', write, dict(step=i), keep=3)
     assert [p.name[:10] for p in list_checkpoints(tmp_path)] == ['epoch-0004', 'epoch-0005', 'epoch-0006']
 
 

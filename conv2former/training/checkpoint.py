@@ -9,12 +9,10 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable
 
 import numpy as np
 import torch
-
-from ..inference import write_model_folder
 
 STATE_FILE = 'train_state.pt'
 CHECKPOINTS = 'checkpoints'
@@ -50,19 +48,20 @@ def set_rng_state(state: dict) -> None:
 def save_checkpoint(
         run_dir: Path,
         name: str,
-        model: torch.nn.Module,
-        model_args: dict,
-        class_names: list,
+        write_model: Callable[[Path], object],
         train_state: dict,
-        ema_state_dict: Optional[dict] = None,
         keep: int = 3,
 ) -> Path:
-    """Write ``run_dir/checkpoints/<name>`` atomically and keep only the newest ``keep`` checkpoints."""
+    """Write ``run_dir/checkpoints/<name>`` atomically and keep only the newest ``keep`` checkpoints.
+
+    ``write_model(folder)`` writes the model folder (classifier: ``inference.write_model_folder``; detector or
+    segmenter: ``tasks.engine.write_task_folder``) into a temporary folder that becomes the checkpoint.
+    """
     final = run_dir / CHECKPOINTS / name
     tmp = final.with_name(f'.{name}.tmp-{os.getpid()}')
     if tmp.exists():
         shutil.rmtree(tmp)
-    write_model_folder(model, tmp, model_args, label_names=class_names, ema_state_dict=ema_state_dict)
+    write_model(tmp)
     torch.save(train_state, tmp / STATE_FILE)
     if final.exists():  # re-saving the same position (e.g. after a resume): swap, never leave a gap in between
         stale = final.with_name(f'.{name}.stale-{os.getpid()}')

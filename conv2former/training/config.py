@@ -11,28 +11,28 @@ import yaml
 from .recipes import DROP_PATH, RECIPES
 
 
-def _positive_int(value: str) -> int:
+def positive_int(value: str) -> int:
     n = int(value)
     if n < 1:
         raise argparse.ArgumentTypeError(f'expected an integer >= 1, got {value}')
     return n
 
 
-def _non_negative_float(value: str) -> float:
+def non_negative_float(value: str) -> float:
     x = float(value)
     if not x >= 0:
         raise argparse.ArgumentTypeError(f'expected a number >= 0, got {value}')
     return x
 
 
-def _probability(value: str) -> float:
+def probability(value: str) -> float:
     x = float(value)
     if not 0 <= x <= 1:
         raise argparse.ArgumentTypeError(f'expected a probability in [0, 1], got {value}')
     return x
 
 
-def _model_kwargs(value: str) -> dict:
+def model_kwargs(value: str) -> dict:
     """``key=value`` pairs; values parsed as YAML (``depths=[1,1,3,1]``, ``stem=patch``, ``kernel_size=7``)."""
     if '=' not in value:
         raise argparse.ArgumentTypeError(f'expected key=value, got {value!r}')
@@ -59,32 +59,32 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group('model')
     g.add_argument('--model', default='conv2former_n', help='registered model name (default conv2former_n)')
-    g.add_argument('--model-kwargs', type=_model_kwargs, action='append', default=[], metavar='KEY=VALUE',
+    g.add_argument('--model-kwargs', type=model_kwargs, action='append', default=[], metavar='KEY=VALUE',
                    help='extra model constructor keywords, e.g. --model-kwargs kernel_size=7 (repeatable)')
     g.add_argument('--pretrained', type=Path, help='initial weights: our model folder / .safetensors or an upstream '
                                                    '.pth/.pth.tar (classifier re-initialised if classes differ)')
     g.add_argument('--drop-path', default=None, help="stochastic depth rate, or 'per-model' (the paper's value)")
-    g.add_argument('--drop', type=_non_negative_float, default=0.0, help='dropout before the classifier')
+    g.add_argument('--drop', type=non_negative_float, default=0.0, help='dropout before the classifier')
     g.add_argument('--grad-checkpointing', action='store_true')
     g.add_argument('--sync-bn', action='store_true', help='synchronised BatchNorm across processes (the stem has BN)')
 
     g = p.add_argument_group('optimisation')
-    g.add_argument('--epochs', type=_positive_int, default=10)
-    g.add_argument('-b', '--batch-size', type=_positive_int, default=64, help='per process')
-    g.add_argument('--grad-accum-steps', type=_positive_int, default=1)
-    g.add_argument('--lr', type=_non_negative_float, default=None, help='absolute learning rate (overrides --blr)')
-    g.add_argument('--blr', type=_non_negative_float, default=1e-3, help='lr = blr * global batch / 1024')
+    g.add_argument('--epochs', type=positive_int, default=10)
+    g.add_argument('-b', '--batch-size', type=positive_int, default=64, help='per process')
+    g.add_argument('--grad-accum-steps', type=positive_int, default=1)
+    g.add_argument('--lr', type=non_negative_float, default=None, help='absolute learning rate (overrides --blr)')
+    g.add_argument('--blr', type=non_negative_float, default=1e-3, help='lr = blr * global batch / 1024')
     g.add_argument('--opt', default='adamw', help="timm optimizer name (default 'adamw')")
-    g.add_argument('--weight-decay', type=_non_negative_float, default=0.05)
-    g.add_argument('--layer-decay', type=_non_negative_float, default=None, help='layer-wise lr decay, e.g. 0.8')
-    g.add_argument('--clip-grad', type=_non_negative_float, default=None, help='max gradient norm')
+    g.add_argument('--weight-decay', type=non_negative_float, default=0.05)
+    g.add_argument('--layer-decay', type=non_negative_float, default=None, help='layer-wise lr decay, e.g. 0.8')
+    g.add_argument('--clip-grad', type=non_negative_float, default=None, help='max gradient norm')
     g.add_argument('--sched', default='cosine', help="timm scheduler name (default 'cosine')")
     g.add_argument('--warmup-epochs', type=int, default=1)
-    g.add_argument('--warmup-lr', type=_non_negative_float, default=1e-6)
-    g.add_argument('--min-lr', type=_non_negative_float, default=1e-6)
+    g.add_argument('--warmup-lr', type=non_negative_float, default=1e-6)
+    g.add_argument('--min-lr', type=non_negative_float, default=1e-6)
     g.add_argument('--cooldown-epochs', type=int, default=0)
     g.add_argument('--model-ema', action='store_true', help='keep an EMA of the weights (evaluated and saved)')
-    g.add_argument('--model-ema-decay', type=_probability, default=0.9998)
+    g.add_argument('--model-ema-decay', type=probability, default=0.9998)
     g.add_argument('--amp', nargs='?', const='bf16', default=None, choices=['bf16', 'fp16'],
                    help='mixed precision (bare --amp = bf16; fp16 uses a grad scaler)')
     g.add_argument('--channels-last', action='store_true')
@@ -92,23 +92,23 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="torch.compile the model (bare --compile: 'inductor')")
 
     g = p.add_argument_group('data and augmentation (timm pipeline)')
-    g.add_argument('--img-size', type=_positive_int, default=None, help='train/eval resolution (default: model cfg)')
+    g.add_argument('--img-size', type=positive_int, default=None, help='train/eval resolution (default: model cfg)')
     g.add_argument('--interpolation', default=None, help="'bicubic', 'bilinear', ... (default: model cfg)")
     g.add_argument('--scale', type=float, nargs=2, default=(0.08, 1.0), metavar=('MIN', 'MAX'),
                    help='random-resized-crop area range')
-    g.add_argument('--hflip', type=_probability, default=0.5)
-    g.add_argument('--color-jitter', type=_non_negative_float, default=0.4)
+    g.add_argument('--hflip', type=probability, default=0.5)
+    g.add_argument('--color-jitter', type=non_negative_float, default=0.4)
     g.add_argument('--aa', default=None, help="auto-augment policy, e.g. 'rand-m9-mstd0.5-inc1'")
-    g.add_argument('--reprob', type=_probability, default=0.0, help='random erasing probability')
-    g.add_argument('--mixup', type=_non_negative_float, default=0.0, help='mixup alpha')
-    g.add_argument('--cutmix', type=_non_negative_float, default=0.0, help='cutmix alpha')
-    g.add_argument('--mixup-switch-prob', type=_probability, default=0.5)
-    g.add_argument('--smoothing', type=_probability, default=0.1, help='label smoothing')
+    g.add_argument('--reprob', type=probability, default=0.0, help='random erasing probability')
+    g.add_argument('--mixup', type=non_negative_float, default=0.0, help='mixup alpha')
+    g.add_argument('--cutmix', type=non_negative_float, default=0.0, help='cutmix alpha')
+    g.add_argument('--mixup-switch-prob', type=probability, default=0.5)
+    g.add_argument('--smoothing', type=probability, default=0.1, help='label smoothing')
 
     g = p.add_argument_group('checkpoints and logging')
     g.add_argument('--checkpoint-steps', type=int, default=0, help='also checkpoint every N optimizer steps')
-    g.add_argument('--checkpoint-hist', type=_positive_int, default=3, help='keep the last N checkpoints')
-    g.add_argument('--eval-every', type=_positive_int, default=1, help='evaluate every N epochs (and at the end)')
+    g.add_argument('--checkpoint-hist', type=positive_int, default=3, help='keep the last N checkpoints')
+    g.add_argument('--eval-every', type=positive_int, default=1, help='evaluate every N epochs (and at the end)')
 
 
 def _flag_dests(parser: argparse.ArgumentParser) -> set:
@@ -128,18 +128,20 @@ def _load_yaml(path: Path, known: set) -> dict:
     return values
 
 
-def parse_train_args(parser: argparse.ArgumentParser, argv: Optional[List[str]]) -> argparse.Namespace:
-    """Parse with recipe and YAML values as defaults, so explicit flags always win; then derive values."""
+def parse_train_args(parser: argparse.ArgumentParser, argv: Optional[List[str]], recipes: dict = RECIPES,
+                     finalize_fn=None) -> argparse.Namespace:
+    """Parse with recipe and YAML values as defaults, so explicit flags always win; then derive values
+    (``finalize_fn``, default: the classification trainer's ``finalize``)."""
     args = parser.parse_args(argv)
     defaults = {}
     if args.recipe:
-        defaults.update(RECIPES[args.recipe])
+        defaults.update(recipes[args.recipe])
     if args.config:
         defaults.update(_load_yaml(args.config, _flag_dests(parser)))
     if defaults:
         parser.set_defaults(**defaults)
         args = parser.parse_args(argv)
-    return finalize(args)
+    return (finalize_fn or finalize)(args)
 
 
 def finalize(args: argparse.Namespace) -> argparse.Namespace:

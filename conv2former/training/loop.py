@@ -6,21 +6,14 @@ Runs on one CPU, one GPU, or many processes under ``torchrun`` (DDP). Every rand
 """
 import argparse
 import contextlib
-import csv
-import io
 import json
 import logging
-import random
 import time
-from datetime import datetime
 from pathlib import Path
-from typing import Optional
 
-import numpy as np
 import timm
 import torch
 import torch.nn as nn
-import yaml
 from timm.data import Mixup, create_transform, resolve_data_config
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
@@ -28,61 +21,20 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 from safetensors.torch import load_file
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from ..data import build_datasets, build_timm_datasets, is_timm_source, resolve_data_dir
 from ..evaluate import evaluate, save_confusion_matrix_png, write_results
-from ..fileio import atomic_write_text
 from ..inference import pretrained_overlay, write_model_folder
 from ..report import write_report
-from .checkpoint import (checkpoint_name, find_resume_checkpoint, list_checkpoints, load_train_state, rng_state,
+from .checkpoint import (checkpoint_name, find_resume_checkpoint, rng_state,
                          save_checkpoint, set_rng_state)
 from .distributed import DistEnv, cleanup_distributed, init_distributed
+from .runtime import (AMP_DTYPES, SeededDataset, config_dict, derive_seed, diverged, out_of_memory,
+                      seed_all, start_run, tensorboard_writer, write_metrics)
 
 _logger = logging.getLogger('conv2former.train')
-AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
-
-
-def _seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([abs(int(p)) for p in parts]).generate_state(1)[0]) & 0x7FFFFFFF
-
-
-def seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-class SeededDataset(Dataset):
-    """Seeds every RNG per (seed, epoch, index) before the transform: augmentation is the same whatever the
-    number of workers, and after a resume."""
-
-    def __init__(self, dataset: Dataset, seed: int):
-        self.dataset, self.seed, self.epoch = dataset, seed, 0
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int):
-        seed_all(_seed(self.seed, self.epoch, index))
-        return self.dataset[index]
-
-
-def _write_metrics(run_dir: Path, history: list, lr_points: list) -> None:
-    atomic_write_text(run_dir / 'metrics.jsonl', ''.join(json.dumps(row) + '\n' for row in history))
-    buf = io.StringIO()
-    if history:
-        writer = csv.DictWriter(buf, fieldnames=list(history[-1]))
-        writer.writeheader()
-        writer.writerows(history)
-    atomic_write_text(run_dir / 'metrics.csv', buf.getvalue())
-    lr_lines = ''.join(json.dumps(dict(step=s, lr=lr)) + '\n' for s, lr in lr_points)
-    atomic_write_text(run_dir / 'lr_schedule.jsonl', lr_lines)
 
 
 def resolve_lr(cfg: argparse.Namespace, world_size: int) -> float:
@@ -102,39 +54,6 @@ def build_model(cfg: argparse.Namespace, num_classes: int) -> nn.Module:
     return timm.create_model(cfg.model, **kwargs)
 
 
-def _run_dir(cfg: argparse.Namespace, resume_from: Optional[Path]) -> Path:
-    if resume_from is not None:
-        return resume_from.parent.parent  # <run>/checkpoints/<name>
-    name = cfg.experiment or f'{cfg.model}-{datetime.now():%Y%m%d-%H%M%S}'
-    return cfg.output / name
-
-
-def _config_dict(cfg: argparse.Namespace) -> dict:
-    return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
-            for k, v in sorted(vars(cfg).items()) if k not in ('func', 'command')}
-
-
-def _tensorboard(run_dir: Path, env: DistEnv):
-    """A TensorBoard writer on rank 0 when the tensorboard package is installed, else None."""
-    if not env.is_main:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(run_dir / 'tensorboard'))
-
-
-def _setup_logging(run_dir: Path, env: DistEnv) -> None:
-    if not env.is_main:
-        return
-    handler = logging.FileHandler(run_dir / 'log.txt')
-    handler.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(name)s: %(message)s'))
-    root = logging.getLogger('conv2former')
-    root.setLevel(logging.INFO)
-    root.addHandler(handler)
-
-
 def train(cfg: argparse.Namespace) -> dict:
     """Train, evaluate every ``--eval-every`` epochs, checkpoint, and write the run's report. Returns final metrics."""
     env = init_distributed(cfg.device)
@@ -146,20 +65,7 @@ def train(cfg: argparse.Namespace) -> dict:
 
 def _train(cfg: argparse.Namespace, env: DistEnv) -> dict:
     device = env.device
-    resume_from = find_resume_checkpoint(cfg.resume) if cfg.resume else None
-    state = load_train_state(resume_from) if resume_from else None
-    if state is not None and state['model'] != cfg.model:
-        raise ValueError(f'--resume {resume_from} is a {state["model"]} run, but --model is {cfg.model}')
-    run_dir = _run_dir(cfg, resume_from)
-    if resume_from is None and list_checkpoints(run_dir):
-        raise ValueError(f'{run_dir} already holds a run: continue it with --resume {run_dir}, or choose another '
-                         f'--experiment / --output')
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / 'config.yaml', yaml.safe_dump(_config_dict(cfg), sort_keys=True))
-    env.barrier()
-    _setup_logging(run_dir, env)
-    seed_all(_seed(cfg.seed, env.rank))
+    run_dir, resume_from, state = start_run(cfg, env, cfg.model, cfg.model)
 
     # data: rank 0 extracts (or downloads) first, the others then find it in the cache
     def load_data():
@@ -277,11 +183,14 @@ def _train(cfg: argparse.Namespace, env: DistEnv) -> dict:
             batch_size=cfg.batch_size, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
             scaler=scaler.state_dict(), history=history, lr_points=[list(p) for p in lr_points], best=best,
             rng=rng_state())
-        return save_checkpoint(run_dir, checkpoint_name(epoch, step), bare_model, model_args, class_names,
-                               train_state, ema.module.state_dict() if ema else None, keep=cfg.checkpoint_hist)
+        def write_model(folder: Path) -> None:
+            write_model_folder(bare_model, folder, model_args, label_names=class_names,
+                               ema_state_dict=ema.module.state_dict() if ema else None)
+        return save_checkpoint(run_dir, checkpoint_name(epoch, step), write_model, train_state,
+                               keep=cfg.checkpoint_hist)
 
     last_eval = None
-    tb = _tensorboard(run_dir, env)
+    tb = tensorboard_writer(run_dir, env)
     for epoch in range(start_epoch, num_epochs):
         seeded_train.epoch = epoch
         sampler.set_epoch(epoch)
@@ -294,7 +203,7 @@ def _train(cfg: argparse.Namespace, env: DistEnv) -> dict:
         bar = tqdm(total=micro_per_epoch, initial=skip, disable=not show, desc=f'epoch {epoch + 1}/{num_epochs}',
                    unit='batch', dynamic_ncols=True)
         for i, (images, targets) in enumerate(loader, start=skip):
-            seed_all(_seed(cfg.seed, env.rank, epoch, i, 1))
+            seed_all(derive_seed(cfg.seed, env.rank, epoch, i, 1))
             images = images.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
             if cfg.channels_last:
@@ -309,17 +218,11 @@ def _train(cfg: argparse.Namespace, env: DistEnv) -> dict:
                         loss = criterion(train_model(images), targets)
                     if not env.all_true(bool(torch.isfinite(loss))):
                         last = find_resume_checkpoint(run_dir) if (run_dir / 'checkpoints').is_dir() else None
-                        raise TrainingDiverged(
-                            f'loss became {loss.item()} at epoch {epoch + 1}, batch {i + 1}, step {step} (lr '
-                            f'{optimizer.param_groups[0]["lr"]:.3g}); last good checkpoint: {last or "none yet"}. '
-                            f'Try a lower --lr/--blr, --clip-grad 1.0, or --amp bf16 instead of fp16.')
+                        raise diverged(loss, epoch, i, step, optimizer.param_groups[0]['lr'], last)
                     scaler.scale(loss / cfg.grad_accum_steps).backward()
             except torch.cuda.OutOfMemoryError:
-                raise RuntimeError(
-                    f'CUDA out of memory at batch size {cfg.batch_size} per process ({cfg.model}, '
-                    f'{images.shape[-1]}px, amp={cfg.amp}). Try -b {max(1, cfg.batch_size // 2)} --grad-accum-steps '
-                    f'{cfg.grad_accum_steps * 2} (same global batch), --grad-checkpointing, --amp bf16, '
-                    f'--channels-last.') from None
+                raise out_of_memory(f'{cfg.model}, {images.shape[-1]}px', cfg.batch_size, cfg.grad_accum_steps,
+                                    cfg.amp) from None
             loss_sum += loss.item()
             loss_count += 1
             seen += images.shape[0] * env.world_size
@@ -369,7 +272,7 @@ def _train(cfg: argparse.Namespace, env: DistEnv) -> dict:
             if improved:
                 write_model_folder(bare_model, run_dir / 'best', model_args, label_names=class_names,
                                    ema_state_dict=ema.module.state_dict() if ema else None)
-            _write_metrics(run_dir, history, lr_points)
+            write_metrics(run_dir, history, lr_points)
             if tb is not None:
                 for key, value in row.items():
                     if key != 'epoch' and value is not None:
@@ -389,6 +292,6 @@ def _train(cfg: argparse.Namespace, env: DistEnv) -> dict:
             save_confusion_matrix_png(last_eval.confusion, class_names, run_dir / 'confusion_matrix.png')
             write_results(last_eval, class_names, json_path=run_dir / 'results.json',
                           extra=dict(model=cfg.model, img_size=data_config['input_size'][-1]))
-        write_report(run_dir, _config_dict(cfg), final)
+        write_report(run_dir, config_dict(cfg), final)
         _logger.info('run folder: %s', run_dir)
     return dict(final, run_dir=str(run_dir))

@@ -1,0 +1,136 @@
+"""Run machinery shared by every trainer (classification, detection, segmentation): seeding, run-folder logging and
+metric files, TensorBoard, and the messages for a diverged loss or a CUDA out-of-memory error."""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import random
+from datetime import datetime
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+import yaml
+
+from ..fileio import atomic_write_text
+from .checkpoint import find_resume_checkpoint, list_checkpoints, load_train_state
+from .distributed import DistEnv
+
+AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def derive_seed(*parts: int) -> int:
+    """A 31-bit seed from integers (seed, rank, epoch, index, ...): independent streams per combination."""
+    return int(np.random.SeedSequence([abs(int(p)) for p in parts]).generate_state(1)[0]) & 0x7FFFFFFF
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class SeededDataset(Dataset):
+    """Seeds every RNG per (seed, epoch, index) before the transform: augmentation is the same whatever the
+    number of workers, and after a resume."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        seed_all(derive_seed(self.seed, self.epoch, index))
+        return self.dataset[index]
+
+
+def write_metrics(run_dir: Path, history: list, lr_points: list) -> None:
+    """``metrics.jsonl`` / ``metrics.csv`` (one row per epoch) and ``lr_schedule.jsonl``, each written atomically."""
+    atomic_write_text(run_dir / 'metrics.jsonl', ''.join(json.dumps(row) + '\n' for row in history))
+    buf = io.StringIO()
+    if history:
+        writer = csv.DictWriter(buf, fieldnames=list(history[-1]), extrasaction='ignore')
+        writer.writeheader()
+        writer.writerows(history)
+    atomic_write_text(run_dir / 'metrics.csv', buf.getvalue())
+    lr_lines = ''.join(json.dumps(dict(step=s, lr=lr)) + '\n' for s, lr in lr_points)
+    atomic_write_text(run_dir / 'lr_schedule.jsonl', lr_lines)
+
+
+def config_dict(cfg: argparse.Namespace) -> dict:
+    """The run's flags as plain YAML/JSON values."""
+    return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
+            for k, v in sorted(vars(cfg).items()) if k not in ('func', 'command')}
+
+
+def tensorboard_writer(run_dir: Path, env: DistEnv):
+    """A TensorBoard writer on rank 0 when the tensorboard package is installed, else None."""
+    if not env.is_main:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(run_dir / 'tensorboard'))
+
+
+def setup_logging(run_dir: Path, env: DistEnv) -> None:
+    """Log the ``conv2former`` loggers to ``run_dir/log.txt`` on rank 0."""
+    if not env.is_main:
+        return
+    handler = logging.FileHandler(run_dir / 'log.txt')
+    handler.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(name)s: %(message)s'))
+    root = logging.getLogger('conv2former')
+    root.setLevel(logging.INFO)
+    root.addHandler(handler)
+
+
+def diverged(loss: torch.Tensor, epoch: int, batch: int, step: int, lr: float,
+             last_checkpoint: Optional[Path]) -> TrainingDiverged:
+    return TrainingDiverged(
+        f'loss became {loss.item()} at epoch {epoch + 1}, batch {batch + 1}, step {step} (lr {lr:.3g}); last good '
+        f'checkpoint: {last_checkpoint or "none yet"}. Try a lower --lr/--blr, --clip-grad 1.0, or --amp bf16 '
+        f'instead of fp16.')
+
+
+def out_of_memory(what: str, batch_size: int, grad_accum_steps: int, amp: Optional[str]) -> RuntimeError:
+    return RuntimeError(
+        f'CUDA out of memory at batch size {batch_size} per process ({what}, amp={amp}). Try -b '
+        f'{max(1, batch_size // 2)} --grad-accum-steps {grad_accum_steps * 2} (same global batch), '
+        f'--grad-checkpointing, --amp bf16.')
+
+
+def start_run(cfg: argparse.Namespace, env: DistEnv, model_id: str, default_name: str
+              ) -> tuple[Path, Optional[Path], Optional[dict]]:
+    """Resolve the run folder (``--resume`` or ``--output/--experiment``, else ``default_name-<date>-<time>``),
+    refuse to overwrite a run or to resume another model's, write ``config.yaml``, start logging, seed. Returns
+    (run folder, checkpoint resumed from or None, its training state or None)."""
+    resume_from = find_resume_checkpoint(cfg.resume) if cfg.resume else None
+    state = load_train_state(resume_from) if resume_from else None
+    if state is not None and state['model'] != model_id:
+        raise ValueError(f'--resume {resume_from} is a {state["model"]} run, but this run is {model_id}')
+    if resume_from is not None:
+        run_dir = resume_from.parent.parent  # <run>/checkpoints/<name>
+    else:
+        run_dir = cfg.output / (cfg.experiment or f'{default_name}-{datetime.now():%Y%m%d-%H%M%S}')
+        if list_checkpoints(run_dir):
+            raise ValueError(f'{run_dir} already holds a run: continue it with --resume {run_dir}, or choose another '
+                             f'--experiment / --output')
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / 'config.yaml', yaml.safe_dump(config_dict(cfg), sort_keys=True))
+    env.barrier()
+    setup_logging(run_dir, env)
+    seed_all(derive_seed(cfg.seed, env.rank))
+    return run_dir, resume_from, state
