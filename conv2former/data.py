@@ -21,7 +21,7 @@ from PIL import Image
 
 __all__ = [
     'BUNDLED_DATASET', 'IMG_EXTENSIONS', 'ImageFolderDataset', 'TimmSourceDataset', 'build_datasets',
-    'build_timm_datasets', 'find_split', 'is_timm_source', 'load_rgb', 'resolve_data_dir',
+    'build_timm_datasets', 'extract_archive', 'find_split', 'is_timm_source', 'load_rgb', 'resolve_data_dir',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -116,6 +116,21 @@ def _extract_cached(archive: Path, cache_dir: str | os.PathLike | None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # no-op after a successful rename
     return target
+
+
+def extract_archive(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The folder holding the extracted contents of the ``.tar``/``.tar.gz``/``.tgz`` archive ``path``.
+
+    Extracted once, safely and atomically, into the cache described in :func:`resolve_data_dir` (``cache_dir``, else
+    ``$CONV2FORMER_CACHE``, else ``~/.cache/conv2former/datasets``); later calls reuse it. Nothing is descended into.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f'archive {path} does not exist or is not a file; expected a .tar/.tar.gz/.tgz file')
+    if _archive_stem(path) is None:
+        raise ValueError(f'{path} is not a .tar/.tar.gz/.tgz archive '
+                         f'(supported suffixes: {", ".join(ARCHIVE_SUFFIXES)})')
+    return _extract_cached(path, cache_dir)
 
 
 def resolve_data_dir(data: str | os.PathLike | None, cache_dir: str | os.PathLike | None = None) -> Path:
