@@ -1,4 +1,5 @@
-"""``conv2former`` command line: train, validate, predict, info, convert, export."""
+"""``conv2former`` command line: train, validate, predict, info, convert, export (classification) and
+``detect`` / ``segment`` train|eval|predict (dense tasks)."""
 import argparse
 import json
 import logging
@@ -40,7 +41,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from .data import ImageFolderDataset, build_timm_datasets, find_split, is_timm_source, resolve_data_dir
     from .evaluate import evaluate, save_confusion_matrix_png, write_results
     from .inference import load_model
-    from .training.loop import AMP_DTYPES
+    from .training.runtime import AMP_DTYPES
 
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     model, class_names, data_config = load_model(args.checkpoint, args.model, use_ema=args.use_ema, device=device)
@@ -92,10 +93,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     from .inference import convert_upstream
-    from .training.config import _model_kwargs
+    from .training.config import model_kwargs
     kwargs = {}
     for kv in args.model_kwargs:
-        kwargs.update(_model_kwargs(kv))
+        kwargs.update(model_kwargs(kv))
     labels = Path(args.labels).read_text().split('\n') if args.labels else None
     out = convert_upstream(args.src, args.output, args.model, label_names=[x for x in labels or [] if x] or None,
                            **kwargs)
@@ -180,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--format', choices=['onnx', 'torch', 'all'], default='all')
     p.add_argument('--img-size', type=int)
     p.set_defaults(func=_cmd_export)
+
+    from .tasks.cli import add_task_parsers
+    parser.task_train_parsers = add_task_parsers(sub)
     return parser
 
 
@@ -193,6 +197,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if argv and argv[0] == 'train':  # recipes and --config become defaults of the train sub-parser
             from .training import parse_train_args
             args = parse_train_args(parser.train_parser, argv[1:])
+        elif len(argv) > 1 and argv[0] in parser.task_train_parsers and argv[1] == 'train':
+            from .tasks.cli import parse_task_train_args
+            args = parse_task_train_args(parser.task_train_parsers[argv[0]], argv[0], argv[2:])
         else:
             args = parser.parse_args(argv)
         return args.func(args)

@@ -51,7 +51,8 @@ class Conv2FormerFPN(nn.Module):
         try:
             self.body = timm.create_model(model_name, features_only=True, out_indices=out_indices, **kwargs)
         except (AssertionError, IndexError, RuntimeError) as e:
-            raise ValueError(f'{model_name} has no feature pyramid at strides {_REDUCTIONS}: {e}') from None
+            raise ValueError(f'{model_name} has no feature pyramid at strides {_REDUCTIONS} ({e}); detection needs a '
+                             f'hierarchical backbone (e.g. conv2former_t), not an isotropic one') from None
         reductions = self.body.feature_info.reduction()
         if reductions != [_REDUCTIONS[i] for i in out_indices]:
             raise ValueError(f'{model_name} gives features at strides {reductions}; detection needs a hierarchical '
