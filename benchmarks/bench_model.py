@@ -11,28 +11,26 @@ logits of each kernel variant are checked against kernels='torch' on the same we
     python benchmarks/bench_model.py [--out DIR] [--pairs t,n,b] [--modes infer,compile,train] [--iters 10]
     python benchmarks/bench_model.py --smoke   # a shrunk pair n on CPU (Triton interpreter): tests the script
 """
+from __future__ import annotations
+
 import argparse
 import datetime
-import gc
-import inspect
-import json
-import os
-import platform
-import re
-import resource
-import shlex
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Callable
 
-import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing the package
+
+from common import (CHECK_BATCH, SMOKE_MODELS, SMOKE_OURS, attempt, bf16, build, check_agreement,  # noqa: E402
+                    csv, environment, fmt, free_memory, fused_variant, images, kernel_variants, log, output_stem,
+                    peak_memory_gib, record_agreement, reset_peak_memory, select_device, synchronize,
+                    timed_windows, write_report)
 
 PAIRS = {'t': ('conv2former_t', 'convnext_tiny'), 'n': ('conv2former_n', 'convnext_nano'),
          'b': ('conv2former_b', 'convnext_base')}
@@ -40,22 +38,7 @@ MODES = ('infer', 'compile', 'train')
 MODE_KEYS = {'infer': ('infer_img_s',), 'compile': ('compile_img_s', 'compile_s'),
              'train': ('train_img_s', 'train_peak_gib')}
 PEER = 'convnext'
-CHECK_BATCH = 8
-BF16_NOISE_FACTOR = 4  # a variant may differ from kernels='torch' by this many times torch's own bf16 error
 SMOKE = dict(pairs=('n',), infer_batch=2, train_batch=2, img_size=32, warmup=1, iters=1, windows=1)
-SMOKE_MODELS = dict(depths=(1, 1, 1, 1), dims=(16, 16, 32, 32))  # --smoke: the Triton interpreter is slow
-SMOKE_OURS = dict(SMOKE_MODELS, kernel_size=3)
-
-
-def csv(choices) -> Callable[[str], tuple[str, ...]]:
-    """argparse type: a comma-separated subset of ``choices``."""
-    def parse(text: str) -> tuple[str, ...]:
-        items = tuple(s.strip() for s in text.split(',') if s.strip())
-        bad = [s for s in items if s not in choices]
-        if bad or not items:
-            raise argparse.ArgumentTypeError(f'expected a comma-separated subset of {",".join(choices)}, got {text!r}')
-        return items
-    return parse
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -81,65 +64,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def fused_variant() -> tuple[dict | None, str]:
-    """Model keywords selecting the fused modulation kernel, or None and why there is none.
-
-    Needs ``conv2former.ops.conv_modulation`` and a model keyword for it: ``kernels='fused'`` or a boolean keyword
-    with "fuse" in its name.
-    """
-    import conv2former.ops
-    from conv2former import Conv2Former
-    from conv2former.models.layers import KERNELS
-
-    if not hasattr(conv2former.ops, 'conv_modulation'):
-        return None, 'skipped: conv2former.ops has no conv_modulation'
-    if 'fused' in KERNELS:
-        return dict(kernels='fused'), "kernels='fused'"
-    keywords = [name for name in inspect.signature(Conv2Former).parameters if 'fuse' in name]
-    if keywords:
-        return {keywords[0]: True}, f'{keywords[0]}=True'
-    return None, ("skipped: conv2former.ops.conv_modulation exists but Conv2Former takes no keyword for it "
-                  "(looked for kernels='fused' and a keyword containing 'fuse')")
-
-
-def build(name: str, kwargs: dict, device: torch.device) -> nn.Module:
-    """A randomly initialised timm model on ``device``, channels_last."""
-    return timm.create_model(name, **kwargs).to(device, memory_format=torch.channels_last)
-
-
-def images(batch: int, size: int, device: torch.device) -> torch.Tensor:
-    return torch.randn(batch, 3, size, size, device=device).to(memory_format=torch.channels_last)
-
-
-def bf16(device: torch.device) -> torch.autocast:
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-
-
-def free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == 'cuda':
-        torch.cuda.empty_cache()
-
-
 def throughput(step: Callable[[], object], batch: int, args: argparse.Namespace, device: torch.device) -> float:
     """Images/s of ``step``: ``args.warmup`` untimed steps, then the median over ``args.windows`` timed windows of
     ``args.iters`` steps each (host clock, device synchronised at the window edges)."""
-    for _ in range(args.warmup):
-        step()
-    synchronize(device)
-    rates = []
-    for _ in range(args.windows):
-        start = time.perf_counter()
-        for _ in range(args.iters):
-            step()
-        synchronize(device)
-        rates.append(batch * args.iters / (time.perf_counter() - start))
-    return statistics.median(rates)
+    seconds = timed_windows(step, args.warmup, args.iters, args.windows, device)
+    return statistics.median(batch * args.iters / s for s in seconds)
 
 
 def measure_infer(model: nn.Module, args: argparse.Namespace, device: torch.device) -> dict:
@@ -167,18 +96,6 @@ def measure_compile(model: nn.Module, args: argparse.Namespace, device: torch.de
         torch._dynamo.reset()  # drop the compiled code: the next model compiles from scratch, no recompile limit
 
 
-def reset_peak_memory(device: torch.device) -> None:
-    if device.type == 'cuda':
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_memory_gib(device: torch.device) -> float:
-    """Peak allocated GPU memory since the last reset; on CPU (smoke) the process's peak RSS."""
-    if device.type == 'cuda':
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
-
-
 def measure_train(model: nn.Module, args: argparse.Namespace, device: torch.device) -> dict:
     """Training img/s at ``--train-batch`` (AdamW, cross-entropy on random labels) and the peak memory of it."""
     model.train()
@@ -203,60 +120,8 @@ MEASURES = {'infer': measure_infer, 'compile': measure_compile, 'train': measure
 
 def measure(mode: str, model: nn.Module, args: argparse.Namespace, device: torch.device) -> dict:
     """One cell: its numbers, 'OOM' when the device ran out of memory, or 'error: ...' for any other failure."""
-    try:
-        return MEASURES[mode](model, args, device)
-    except torch.OutOfMemoryError:
-        result = 'OOM'
-    except Exception as exc:  # noqa: BLE001 - recorded in the cell; main() exits 1
-        result = f"error: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
-    finally:
-        free_memory(device)
-    return dict.fromkeys(MODE_KEYS[mode], result)
-
-
-def randomize_for_check(model: nn.Module) -> None:
-    """Variance-preserving random weights and layer scale 1, so that every depthwise conv moves the logits (at the
-    default init, layer scale 1e-6 and std 0.02, a wrong depthwise conv would hardly show in them)."""
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() > 1:
-                param.normal_(std=param[0].numel() ** -0.5)
-            elif name.endswith('gamma'):
-                param.fill_(1.0)
-
-
-def check_agreement(name: str, variants: dict[str, dict], args: argparse.Namespace, device: torch.device) -> dict:
-    """Max |logit difference| in bf16 of each kernel variant vs kernels='torch' on the same weights.
-
-    The tolerance is BF16_NOISE_FACTOR times the bf16 error of kernels='torch' itself (max |logit difference|
-    between its bf16 and float32 logits), so it grows with the model's depth as bf16 rounding does.
-    """
-    reference = build(name, variants['torch'], device).eval()
-    randomize_for_check(reference)
-    x = images(min(CHECK_BATCH, args.infer_batch), args.img_size, device)
-    results = {}
-    with torch.no_grad():
-        ref_fp32 = reference(x)
-        with bf16(device):
-            ref = reference(x).float()
-        tolerance = BF16_NOISE_FACTOR * (ref - ref_fp32).abs().max().item()
-        for variant, kwargs in variants.items():
-            if variant == 'torch':
-                continue
-            model = build(name, kwargs, device).eval()
-            model.load_state_dict(reference.state_dict())
-            with bf16(device):
-                diff = (model(x).float() - ref).abs().max().item()
-            results[variant] = dict(max_abs_diff=diff, tolerance=tolerance, max_abs_logit=ref.abs().max().item(),
-                                    ok=diff <= tolerance)
-            del model
-    del reference
-    free_memory(device)
-    return results
-
-
-def log(message: str) -> None:
-    print(f'[{datetime.datetime.now():%H:%M:%S}] {message}', file=sys.stderr, flush=True)
+    result = attempt(lambda: MEASURES[mode](model, args, device), device)
+    return result if isinstance(result, dict) else dict.fromkeys(MODE_KEYS[mode], result)
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -278,17 +143,10 @@ def run(args: argparse.Namespace, device: torch.device, report: dict, save: Call
     ours, theirs = (SMOKE_OURS, SMOKE_MODELS) if args.smoke else ({}, {})
     for pair in args.pairs:
         name, peer = PAIRS[pair]
-        variants = {'torch': ours | dict(kernels='torch'), 'triton': ours | dict(kernels='triton')}
-        if fused is not None:
-            variants['fused'] = ours | fused
-        report['agreement'][pair] = check_agreement(name, variants, args, device)
-        for variant, result in report['agreement'][pair].items():
-            log(f'{name} {variant} vs torch: max |logit diff| {result["max_abs_diff"]:.3g} '
-                f'(tolerance {result["tolerance"]:.3g})')
-            if not result['ok']:
-                report['failures'].append(f'{name} {variant}: logits differ from kernels=torch by '
-                                          f'{result["max_abs_diff"]:.3g} > {result["tolerance"]:.3g}')
-                print(f'ERROR: {report["failures"][-1]}', file=sys.stderr, flush=True)
+        variants = kernel_variants(ours, fused)
+        report['agreement'][pair] = check_agreement(name, variants, min(CHECK_BATCH, args.infer_batch),
+                                                    args.img_size, device)
+        record_agreement(name, report['agreement'][pair], report['failures'])
         models = {variant: (name, kwargs) for variant, kwargs in variants.items()} | {PEER: (peer, theirs)}
         for variant, (model_name, kwargs) in models.items():
             row = dict(pair=pair, model=model_name, variant=variant, kwargs=kwargs)
@@ -302,13 +160,6 @@ def run(args: argparse.Namespace, device: torch.device, report: dict, save: Call
             report['rows'].append(row)
             add_ratios(report['rows'])
             save()
-
-
-def fmt(value, ratio: float | None = None, digits: int = 0) -> str:
-    """A table cell: the number (with its ratio to the peer), 'OOM' / 'error: ...' as is, '—' if not measured."""
-    if not isinstance(value, float):
-        return '—' if value is None else str(value)
-    return f'{value:,.{digits}f}' + ('' if ratio is None else f' ({ratio:.2f}×)')
 
 
 def markdown(report: dict) -> str:
@@ -342,29 +193,11 @@ def markdown(report: dict) -> str:
     return '\n'.join(lines) + '\n'
 
 
-def environment(device: torch.device, now: datetime.datetime) -> dict:
-    import triton
-    cuda = device.type == 'cuda'
-    return dict(
-        device=torch.cuda.get_device_name(device) if cuda else 'cpu (smoke run, Triton interpreter: no real numbers)',
-        torch=torch.__version__, timm=timm.__version__, triton=triton.__version__,
-        cuda=torch.version.cuda if cuda else None, cudnn=torch.backends.cudnn.version() if cuda else None,
-        python=platform.python_version(), date=now.isoformat(timespec='seconds'),
-        command=shlex.join([Path(sys.executable).name] + sys.argv))
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.smoke:
-        os.environ['TRITON_INTERPRET'] = '1'  # read when the kernels are first jitted, which happens below
-        device = torch.device('cpu')
-    elif not torch.cuda.is_available():
-        print('bench_model.py needs a CUDA GPU (none found); use --smoke to exercise the script on CPU',
-              file=sys.stderr)
+    device = select_device(args.smoke, 'bench_model.py')
+    if device is None:
         return 2
-    else:
-        device = torch.device('cuda')
-        torch.backends.cudnn.benchmark = True  # cuDNN picks its fastest algorithms during warm-up
     import conv2former  # noqa: F401  (registers the models; after TRITON_INTERPRET is set)
 
     torch.manual_seed(0)
@@ -374,13 +207,11 @@ def main(argv: list[str] | None = None) -> int:
                                                      'warmup', 'iters', 'windows', 'smoke')}
     report = dict(environment=env, settings=dict(settings, dtype='bf16', channels_last=True), complete=False,
                   fused_variant=None, agreement={}, rows=[], failures=[])
-    slug = re.sub(r'[^a-z0-9]+', '-', env['device'].split(' (')[0].lower()).strip('-')
-    stem = args.out / f"bench_model-{slug}{'-smoke' if args.smoke else ''}-{now:%Y%m%d-%H%M%S}"
+    stem = output_stem(args.out, 'bench_model', env, args.smoke, now)
     args.out.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
-        stem.with_suffix('.json').write_text(json.dumps(report, indent=1) + '\n')
-        stem.with_suffix('.md').write_text(markdown(report))
+        write_report(stem, report, markdown(report))
 
     run(args, device, report, save)
     errors = [f"{row['model']} {row['variant']} {key}: {value}" for row in report['rows']
