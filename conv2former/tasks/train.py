@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from torch.nn.parallel import DistributedDataParallel
@@ -26,10 +25,11 @@ from tqdm import tqdm
 
 from ..fileio import atomic_write_text
 from ..report import write_report
-from ..training.checkpoint import (checkpoint_name, find_resume_checkpoint, list_checkpoints, rng_state, save_checkpoint, set_rng_state)
+from ..training.checkpoint import (checkpoint_name, find_resume_checkpoint, list_checkpoints, save_checkpoint)
 from ..training.distributed import DistEnv, cleanup_distributed, init_distributed
-from ..training.runtime import (AMP_DTYPES, SeededDataset, config_dict, derive_seed, diverged, out_of_memory,
-                                seed_all, start_run, tensorboard_writer, write_metrics)
+from ..training.runtime import (AMP_DTYPES, SeededDataset, config_dict, derive_seed, diverged, optimizer_step,
+                                out_of_memory, resume_training, seed_all, start_run,
+                                tensorboard_writer, train_state, write_metrics)
 from .engine import TASKS, build_task_model, write_task_folder
 from .optim import layer_decay_param_groups
 
@@ -86,18 +86,8 @@ def _train(cfg: argparse.Namespace, task, env: DistEnv) -> dict:
 
     start_epoch, start_batch, step, history, lr_points, best = 0, 0, 0, [], [], None
     if state is not None:
-        if state['next_batch'] and (state['world_size'], state['batch_size']) != (env.world_size, cfg.batch_size):
-            raise ValueError(
-                f'{resume_from} stopped mid-epoch with {state["world_size"]} processes x -b {state["batch_size"]}; '
-                f'resume it with the same (got {env.world_size} x {cfg.batch_size}) or from an epoch-end checkpoint')
-        model.load_state_dict(load_file(str(resume_from / 'model.safetensors'), device=str(device)))
-        optimizer.load_state_dict(state['optimizer'])
-        scheduler.load_state_dict(state['scheduler'])
-        scaler.load_state_dict(state['scaler'])
-        start_epoch, start_batch, step = state['epoch'], state['next_batch'], state['step']
-        history, lr_points, best = state['history'], [tuple(p) for p in state['lr_points']], state['best']
-        set_rng_state(state['rng'])
-        _logger.info('resumed from %s at epoch %d, batch %d, step %d', resume_from, start_epoch, start_batch, step)
+        start_epoch, start_batch, step, history, lr_points, best = resume_training(
+            resume_from, state, env, cfg.batch_size, model, optimizer, scheduler, scaler)
 
     # torchvision's detectors leave heads unused on batches without positives: DDP must allow that
     train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None,
@@ -113,13 +103,10 @@ def _train(cfg: argparse.Namespace, task, env: DistEnv) -> dict:
                      len(val_ds), steps_per_epoch, num_epochs, global_batch, cfg.lr)
 
     def checkpoint(epoch: int, next_batch: int) -> Path:
-        train_state = dict(
-            model=model_id, epoch=epoch, next_batch=next_batch, step=step, world_size=env.world_size,
-            batch_size=cfg.batch_size, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-            scaler=scaler.state_dict(), history=history, lr_points=[list(p) for p in lr_points], best=best,
-            rng=rng_state())
+        snapshot = train_state(model_id, epoch, next_batch, step, env, cfg.batch_size, optimizer, scheduler, scaler,
+                               history, lr_points, best)
         return save_checkpoint(run_dir, checkpoint_name(epoch, step),
-                               lambda folder: write_task_folder(model, folder, model_config), train_state,
+                               lambda folder: write_task_folder(model, folder, model_config), snapshot,
                                keep=cfg.checkpoint_hist)
 
     def evaluate() -> dict | None:
@@ -159,12 +146,7 @@ def _train(cfg: argparse.Namespace, task, env: DistEnv) -> dict:
             bar.update(1)
             if not boundary:
                 continue
-            if cfg.clip_grad is not None:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(optimizer, scaler, model, cfg.clip_grad)
             step += 1
             scheduler.step_update(num_updates=step)
             current_lr = max(g['lr'] for g in optimizer.param_groups)

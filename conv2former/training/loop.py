@@ -28,11 +28,11 @@ from ..data import build_datasets, build_timm_datasets, is_timm_source, resolve_
 from ..evaluate import evaluate, save_confusion_matrix_png, write_results
 from ..inference import pretrained_overlay, write_model_folder
 from ..report import write_report
-from .checkpoint import (checkpoint_name, find_resume_checkpoint, rng_state,
-                         save_checkpoint, set_rng_state)
+from .checkpoint import checkpoint_name, find_resume_checkpoint, save_checkpoint
 from .distributed import DistEnv, cleanup_distributed, init_distributed
-from .runtime import (AMP_DTYPES, SeededDataset, config_dict, derive_seed, diverged, out_of_memory,
-                      seed_all, start_run, tensorboard_writer, write_metrics)
+from .runtime import (AMP_DTYPES, SeededDataset, config_dict, derive_seed, diverged, optimizer_step,
+                      out_of_memory, resume_training, seed_all, start_run, tensorboard_writer,
+                      train_state, write_metrics)
 
 _logger = logging.getLogger('conv2former.train')
 
@@ -141,22 +141,11 @@ def _train(cfg: argparse.Namespace, env: DistEnv) -> dict:
     # resume
     start_epoch, start_batch, step, history, lr_points, best = 0, 0, 0, [], [], None
     if state is not None:
-        if state['next_batch'] and (state['world_size'], state['batch_size']) != (env.world_size, cfg.batch_size):
-            raise ValueError(
-                f'{resume_from} stopped mid-epoch with {state["world_size"]} processes x -b {state["batch_size"]}; '
-                f'resume it with the same (got {env.world_size} x {cfg.batch_size}) or from an epoch-end checkpoint')
-        model.load_state_dict(load_file(str(resume_from / 'model.safetensors'), device=str(device)))
-        if ema is not None:
-            ema_file = resume_from / 'model_ema.safetensors'
-            if ema_file.is_file():
-                ema.module.load_state_dict(load_file(str(ema_file), device=str(device)))
-        optimizer.load_state_dict(state['optimizer'])
-        scheduler.load_state_dict(state['scheduler'])
-        scaler.load_state_dict(state['scaler'])
-        start_epoch, start_batch, step = state['epoch'], state['next_batch'], state['step']
-        history, lr_points, best = state['history'], [tuple(p) for p in state['lr_points']], state['best']
-        set_rng_state(state['rng'])
-        _logger.info('resumed from %s at epoch %d, batch %d, step %d', resume_from, start_epoch, start_batch, step)
+        start_epoch, start_batch, step, history, lr_points, best = resume_training(
+            resume_from, state, env, cfg.batch_size, model, optimizer, scheduler, scaler)
+        ema_file = resume_from / 'model_ema.safetensors'
+        if ema is not None and ema_file.is_file():
+            ema.module.load_state_dict(load_file(str(ema_file), device=str(device)))
 
     if cfg.compile:
         model = torch.compile(model, backend='inductor' if cfg.compile is True else cfg.compile)
@@ -178,15 +167,13 @@ def _train(cfg: argparse.Namespace, env: DistEnv) -> dict:
                      global_batch, lr)
 
     def checkpoint(epoch: int, next_batch: int) -> Path:
-        train_state = dict(
-            model=cfg.model, epoch=epoch, next_batch=next_batch, step=step, world_size=env.world_size,
-            batch_size=cfg.batch_size, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-            scaler=scaler.state_dict(), history=history, lr_points=[list(p) for p in lr_points], best=best,
-            rng=rng_state())
+        snapshot = train_state(cfg.model, epoch, next_batch, step, env, cfg.batch_size, optimizer, scheduler, scaler,
+                               history, lr_points, best)
+
         def write_model(folder: Path) -> None:
             write_model_folder(bare_model, folder, model_args, label_names=class_names,
                                ema_state_dict=ema.module.state_dict() if ema else None)
-        return save_checkpoint(run_dir, checkpoint_name(epoch, step), write_model, train_state,
+        return save_checkpoint(run_dir, checkpoint_name(epoch, step), write_model, snapshot,
                                keep=cfg.checkpoint_hist)
 
     last_eval = None
@@ -229,12 +216,7 @@ def _train(cfg: argparse.Namespace, env: DistEnv) -> dict:
             bar.update(1)
             if not boundary:
                 continue
-            if cfg.clip_grad is not None:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(optimizer, scaler, model, cfg.clip_grad)
             step += 1
             scheduler.step_update(num_updates=step)
             if ema is not None:

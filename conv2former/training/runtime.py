@@ -14,12 +14,13 @@ from typing import Optional
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
 import yaml
 
 from ..fileio import atomic_write_text
-from .checkpoint import find_resume_checkpoint, list_checkpoints, load_train_state
+from .checkpoint import find_resume_checkpoint, list_checkpoints, load_train_state, rng_state, set_rng_state
 from .distributed import DistEnv
 
 AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -134,3 +135,41 @@ def start_run(cfg: argparse.Namespace, env: DistEnv, model_id: str, default_name
     setup_logging(run_dir, env)
     seed_all(derive_seed(cfg.seed, env.rank))
     return run_dir, resume_from, state
+
+
+def train_state(model_id: str, epoch: int, next_batch: int, step: int, env: DistEnv, batch_size: int, optimizer,
+                scheduler, scaler, history: list, lr_points: list, best: Optional[dict]) -> dict:
+    """Everything besides the weights that ``resume_training`` needs to continue bit-for-bit."""
+    return dict(model=model_id, epoch=epoch, next_batch=next_batch, step=step, world_size=env.world_size,
+                batch_size=batch_size, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                scaler=scaler.state_dict(), history=history, lr_points=[list(p) for p in lr_points], best=best,
+                rng=rng_state())
+
+
+def resume_training(resume_from: Path, state: dict, env: DistEnv, batch_size: int, model: torch.nn.Module,
+                    optimizer, scheduler, scaler) -> tuple[int, int, int, list, list, Optional[dict]]:
+    """Load a checkpoint's weights, optimizer, scheduler, scaler and RNG state (a mid-epoch checkpoint only into the
+    same processes x batch size). Returns (epoch, next batch, step, history, lr points, best)."""
+    if state['next_batch'] and (state['world_size'], state['batch_size']) != (env.world_size, batch_size):
+        raise ValueError(
+            f'{resume_from} stopped mid-epoch with {state["world_size"]} processes x -b {state["batch_size"]}; '
+            f'resume it with the same (got {env.world_size} x {batch_size}) or from an epoch-end checkpoint')
+    model.load_state_dict(load_file(str(resume_from / 'model.safetensors'), device=str(env.device)))
+    optimizer.load_state_dict(state['optimizer'])
+    scheduler.load_state_dict(state['scheduler'])
+    scaler.load_state_dict(state['scaler'])
+    set_rng_state(state['rng'])
+    logging.getLogger('conv2former.train').info('resumed from %s at epoch %d, batch %d, step %d', resume_from,
+                                                state['epoch'], state['next_batch'], state['step'])
+    return (state['epoch'], state['next_batch'], state['step'], state['history'],
+            [tuple(p) for p in state['lr_points']], state['best'])
+
+
+def optimizer_step(optimizer, scaler, model: torch.nn.Module, clip_grad: Optional[float]) -> None:
+    """Unscale and clip (if asked), step through the grad scaler, zero the gradients."""
+    if clip_grad is not None:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
