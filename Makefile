@@ -14,7 +14,7 @@ env: $(STAMP)
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet "torch!=2.13.0" -e ".[test]"
+	$(PIP) install --quiet "torch!=2.13.0" -e ".[all,test]"
 	$(PY) -c "import torch, torchvision, timm, conv2former; print('torch', torch.__version__, '| torchvision', torchvision.__version__, '| timm', timm.__version__)"
 	touch $(STAMP)
 

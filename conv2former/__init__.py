@@ -5,6 +5,7 @@
 """
 from .models import (
     MODEL_CONFIGS,
+    MODEL_NAMES,
     Conv2Former,
     Conv2FormerIsotropic,
     checkpoint_filter_fn,
@@ -14,7 +15,13 @@ from .models import (
 
 __version__ = '0.1.0'
 
-MODEL_NAMES = tuple(list(MODEL_CONFIGS) + ['conv2former_is', 'conv2former_ib'])
+
+def train(task: str = 'classification', **options):
+    """Train a model: ``conv2former.train(task='classification' | 'detection' | 'segmentation', **options)``, options
+    named as the command-line flags; returns the final metrics and ``run_dir`` (see ``conv2former.api.train``)."""
+    from .api import train as _train
+    return _train(task, **options)
+
 
 __all__ = [
     'Conv2Former',
@@ -23,4 +30,5 @@ __all__ = [
     'load_state_dict_file',
     'unwrap_state_dict',
     'MODEL_NAMES',
+    'train',
 ]

@@ -5,6 +5,7 @@ from typing import List, Tuple
 import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+from .models import MODEL_NAMES
 
 
 @dataclass
@@ -32,7 +33,7 @@ def count_macs(model: torch.nn.Module, img_size: int = 224, in_chans: int = 3) -
 def model_info(name: str, img_size: int = 224, **kwargs) -> ModelInfo:
     """Facts of a registered model, built on ``meta`` so even Conv2Former-L costs nothing."""
     if not timm.is_model(name):
-        raise ValueError(f'unknown model {name!r}; registered Conv2Former models: {timm.list_models("conv2former*")}')
+        raise ValueError(f'unknown model {name!r}; registered Conv2Former models: {", ".join(MODEL_NAMES)}')
     model = timm.create_model(name, device='meta', **kwargs).eval()
     features = [(f['reduction'], f['num_chs']) for f in model.feature_info]
     return ModelInfo(

@@ -10,15 +10,8 @@ import pytest
 from PIL import Image, ImageFile
 
 import conv2former.data as data
-from conv2former.data import (
-    BUNDLED_DATASET,
-    IMG_EXTENSIONS,
-    ImageFolderDataset,
-    build_datasets,
-    find_split,
-    load_rgb,
-    resolve_data_dir,
-)
+from conv2former.data import BUNDLED_DATASET, IMG_EXTENSIONS, find_split, load_rgb, resolve_data_dir
+from conv2former.tasks.classification.data import ImageFolderDataset, build_datasets
 
 FASHION_CLASSES = ['ankle_boot', 'bag', 'coat', 'dress', 'pullover', 'sandal', 'shirt', 'sneaker', 't-shirt_top',
                    'trouser']

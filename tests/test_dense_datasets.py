@@ -18,18 +18,11 @@ from torchvision import tv_tensors
 from torchvision.ops import masks_to_boxes
 
 from conv2former.data import extract_archive
-from conv2former.tasks.datasets import (
-    CAMVID_CLASSES,
-    CocoDetectionDataset,
-    PennFudanDataset,
-    SegmentationDataset,
-    build_detection_dataset,
-    build_segmentation_dataset,
-    collate_detection,
-    detection_transforms,
-    resolve_dense_root,
-    segmentation_transforms,
-)
+from conv2former.data import resolve_data_dir as resolve_dense_root
+from conv2former.tasks.detection.data import (CocoDetectionDataset, PennFudanDataset, build_detection_dataset,
+                                              collate_detection, detection_transforms)
+from conv2former.tasks.segmentation.data import (CAMVID_CLASSES, SegmentationDataset, build_segmentation_dataset,
+                                                 segmentation_transforms)
 
 DATASETS = Path(os.environ.get('CONV2FORMER_DATASETS', Path(__file__).resolve().parents[2] / 'shared/datasets'))
 MEAN, STD = torch.tensor(IMAGENET_DEFAULT_MEAN), torch.tensor(IMAGENET_DEFAULT_STD)

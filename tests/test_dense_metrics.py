@@ -15,8 +15,9 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from conv2former.tasks.metrics import CocoEvaluator, SegmentationMetric
-from conv2former.tasks.visualize import (_GAP, _LEGEND_ROW, _TITLE_HEIGHT, detection_overlay, palette,
+from conv2former.tasks.detection.metrics import CocoEvaluator
+from conv2former.tasks.segmentation.metrics import SegmentationMetric
+from conv2former.visualize import (_GAP, _LEGEND_ROW, _TITLE_HEIGHT, detection_overlay, palette,
                                          segmentation_overlay)
 
 COCO128 = Path(__file__).resolve().parents[2] / 'shared/datasets/coco128.tar.gz'
@@ -196,7 +197,7 @@ def test_coco_no_predictions(caplog):
                  masks=torch.zeros(0, 1, SIZE, SIZE))
     evaluator = CocoEvaluator(_coco_gt())
     evaluator.update({1: empty, 2: empty})
-    with caplog.at_level(logging.WARNING, logger='conv2former.tasks.metrics'):
+    with caplog.at_level(logging.WARNING, logger='conv2former.tasks.detection.metrics'):
         summary = evaluator.summarize()
     assert 'no predictions on the 2 evaluated images' in caplog.text
     for iou_type in ('bbox', 'segm'):  # zeros where there is ground truth, still None where there is none

@@ -10,8 +10,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conv2former.cli import main
-from conv2former.tasks import build_detector
-from conv2former.tasks.optim import layer_decay_param_groups
+from conv2former.tasks.detection import build_detector
+from conv2former.tasks.dense import layer_decay_param_groups
 
 TINY = ['--backbone', 'conv2former_n', '--backbone-kwargs', 'depths=[1,1,1,1]', '--backbone-kwargs',
         'dims=[16,16,32,32]', '-j', '0', '--no-progress', '--warmup-iters', '1', '--seed', '3']
@@ -116,7 +116,7 @@ def test_segment_train_resumes_mid_epoch_exactly(tmp_path):
     for later in checkpoints[1:]:  # as if killed after the first optimizer step
         shutil.rmtree(later)
     (run / 'last' / 'model.safetensors').unlink()
-    assert main(['segment', 'train', '--resume', str(run), *args[2:]]) == 0
+    assert main(['segment', 'train', '--resume', str(run)]) == 0  # the run's settings are restored
     resumed = load_file(str(run / 'last' / 'model.safetensors'))
     assert resumed.keys() == uninterrupted.keys()
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)

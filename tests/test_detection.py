@@ -4,7 +4,7 @@ import timm
 import torch
 
 from conftest import HIERARCHICAL, tiny_kwargs
-from conv2former.tasks import Conv2FormerFPN, build_detector
+from conv2former.tasks.detection import Conv2FormerFPN, build_detector
 
 SMALL = dict(min_size=64, max_size=96)
 

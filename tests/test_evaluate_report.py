@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from conv2former.evaluate import EvalResult, evaluate, save_confusion_matrix_png, write_results
-from conv2former.report import plot_training_curves, read_jsonl, write_report
+from conv2former.tasks.classification.evaluate import EvalResult, evaluate, save_confusion_matrix_png, write_results
+from conv2former.engine.report import plot_training_curves, read_jsonl, write_report
 
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 NUM_CLASSES = 6

@@ -10,15 +10,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import conv2former  # noqa: F401  (registers the models)
-from conv2former.inference import (
-    convert_upstream,
-    export_onnx,
-    export_torch,
-    format_predictions,
-    load_model,
-    predict,
-    write_model_folder,
-)
+from conv2former.fileio import write_model_folder
+from conv2former.tasks.classification.inference import (convert_upstream, export_onnx, export_torch,
+                                                         format_predictions, load_model, predict)
 
 TINY = dict(depths=(1, 1, 1, 1), dims=(16, 16, 32, 32), head_hidden_size=64)
 LABELS = ['cat', 'dog', 'bird']
@@ -266,7 +260,7 @@ def test_predict_on_image_files(tmp_path):
 def test_export_onnx_matches_onnxruntime(tmp_path, caplog):
     ort = pytest.importorskip('onnxruntime')
     model = _tiny()
-    with caplog.at_level('INFO', logger='conv2former.inference'):
+    with caplog.at_level('INFO', logger='conv2former.tasks.classification.inference'):
         path = export_onnx(model, tmp_path / 'model.onnx', img_size=64)
     assert path.is_file() and 'dynamo ONNX exporter' in caplog.text
     assert sorted(p.name for p in tmp_path.iterdir()) == ['model.onnx']  # weights inside, no external data
@@ -296,7 +290,7 @@ def test_export_onnx_falls_back_to_torchscript(tmp_path, monkeypatch, caplog):
         return real_export(*args, dynamo=False, **kwargs)
 
     monkeypatch.setattr(torch.onnx, 'export', dynamo_fails)
-    with caplog.at_level('INFO', logger='conv2former.inference'), \
+    with caplog.at_level('INFO', logger='conv2former.tasks.classification.inference'), \
             pytest.warns(UserWarning, match='simulated dynamo failure.*TorchScript'):
         path = export_onnx(_tiny(), tmp_path / 'model.onnx', img_size=64)  # includes the onnxruntime check
     assert path.is_file() and 'torchscript' in caplog.text

@@ -8,9 +8,9 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from conftest import HIERARCHICAL, tiny_kwargs
-from conv2former.inference import write_model_folder
+from conv2former.fileio import write_model_folder
 from conv2former.models import MODEL_CONFIGS
-from conv2former.tasks.segmentation import backbone_of, build_segmenter, predict_segmentation, sliding_windows
+from conv2former.tasks.segmentation.model import backbone_of, build_segmenter, predict_segmentation, sliding_windows
 
 TINY_N = dict(depths=(1, 1, 1, 1), dims=(16, 32, 64, 128))
 

@@ -14,9 +14,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conv2former.cli import build_parser, main
-from conv2former.training import parse_train_args
-from conv2former.training.checkpoint import find_resume_checkpoint, list_checkpoints, save_checkpoint
-from conv2former.training.loop import resolve_lr
+from conv2former.api import build_options
+from conv2former.engine.state import find_resume_checkpoint, list_checkpoints, save_checkpoint
 
 TINY_MODEL = ['--model', 'conv2former_n', '--model-kwargs', 'depths=[1,1,1,1]', '--model-kwargs',
               'dims=[16,32,64,128]', '--img-size', '32', '-j', '0', '--no-progress']
@@ -76,7 +75,8 @@ def test_train_validate_predict_on_the_bundled_dataset(tmp_path, capsys):
 
 
 def test_resume_after_sigkill_gives_identical_weights(tmp_path, toy_data):
-    """N steps straight == killed mid-epoch (SIGKILL) + --resume, bit for bit on CPU (mixup + drop path on)."""
+    """N steps straight == killed mid-epoch (SIGKILL) + ``--resume RUN`` alone, bit for bit on CPU (non-default
+    model, size, batch, mixup + drop path on), and the resumed epoch's train loss covers the whole epoch."""
     common = ['--epochs', '3', '-b', '4', '--checkpoint-steps', '2', '--mixup', '0.2', '--drop-path', '0.1',
               '--warmup-epochs', '1', '--lr', '1e-3']
     # every run in its own process with the same thread count: float reductions then happen in the same order
@@ -92,10 +92,13 @@ def test_resume_after_sigkill_gives_identical_weights(tmp_path, toy_data):
     proc.wait()
     assert not (run / 'last').exists(), 'the run finished before the kill: the test proved nothing'
     resumed_from = find_resume_checkpoint(run)
-    _run_cli(_train_args(toy_data, tmp_path, 'killed', *common, '--resume', str(run)))
+    _run_cli(['train', '--resume', str(run)])  # the run's own settings are restored: no flags repeated
     straight, resumed = _weights(tmp_path / 'straight'), _weights(run)
     assert straight.keys() == resumed.keys()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight), f'diverged after resuming {resumed_from}'
+    losses = [[json.loads(line)['train_loss'] for line in (folder / 'metrics.jsonl').read_text().splitlines()]
+              for folder in (tmp_path / 'straight', run)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-9)
 
 
 def test_two_process_torchrun_matches_one_process(tmp_path, toy_data):
@@ -115,7 +118,7 @@ def test_two_process_torchrun_matches_one_process(tmp_path, toy_data):
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path, toy_data, monkeypatch, capsys):
-    from conv2former.training import loop
+    from conv2former.tasks.classification import task as loop
     real = loop.LabelSmoothingCrossEntropy
     calls = {'n': 0}
 
@@ -137,8 +140,8 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path, 
 
 def test_a_crash_while_writing_never_corrupts_the_last_checkpoint(tmp_path, monkeypatch):
     import timm
-    from conv2former.training import checkpoint as ckpt
-    from conv2former.inference import write_model_folder
+    from conv2former.engine import state as ckpt
+    from conv2former.fileio import write_model_folder
     model = timm.create_model('conv2former_n', depths=(1, 1, 1, 1), dims=(16, 16, 32, 32), num_classes=2)
 
     def write(folder):
@@ -161,7 +164,8 @@ def test_a_crash_while_writing_never_corrupts_the_last_checkpoint(tmp_path, monk
 
 
 def _parse(*argv):
-    return parse_train_args(build_parser().train_parser, list(argv))
+    args = vars(build_parser().parse_args(['train', *argv]))
+    return build_options('classification', {k: v for k, v in args.items() if k not in ('func', 'command')})
 
 
 def test_config_resolution_precedence(tmp_path):
@@ -170,16 +174,16 @@ def test_config_resolution_precedence(tmp_path):
         ('adamw', 0.05, 300, 'rand-m9-mstd0.5-inc1', 0.8, 1.0)
     assert (args.smoothing, args.reprob, args.drop_path) == (0.1, 0.25, 0.5)  # per-model drop path for B
     args.batch_size, args.grad_accum_steps = 128, 2
-    assert resolve_lr(args, world_size=4) == pytest.approx(1e-3 * 128 * 2 * 4 / 1024)  # the paper's scaling rule
+    assert args.resolve_lr(world_size=4) == pytest.approx(1e-3 * 128 * 2 * 4 / 1024)  # the paper's scaling rule
     config = tmp_path / 'c.yaml'
     config.write_text('epochs: 7\nweight-decay: 0.01\n')
     args = _parse('--recipe', 'in1k', '--config', str(config), '--epochs', '3')
     assert (args.epochs, args.weight_decay) == (3, 0.01)  # flag > YAML > recipe
-    assert _parse('--lr', '0.5').lr == 0.5 and resolve_lr(_parse('--lr', '0.5'), 8) == 0.5
+    assert _parse('--lr', '0.5').lr == 0.5 and _parse('--lr', '0.5').resolve_lr(8) == 0.5
     ft = _parse('--recipe', 'finetune')
     assert (ft.layer_decay, ft.epochs, ft.model_ema) == (0.8, 30, True)
     config.write_text('epoch: 7\n')
-    with pytest.raises(ValueError, match=r"unknown keys \['epoch'\]"):
+    with pytest.raises(ValueError, match=r"unknown option 'epoch'; did you mean 'epochs'"):
         _parse('--config', str(config))
 
 
@@ -247,7 +251,8 @@ def test_pretrained_and_resume_checks(tmp_path, toy_data, capsys):
     # resuming with another model is refused, naming both
     rc = main(_train_args(toy_data, tmp_path, 'base', '--epochs', '2', '-b', '8', '--resume', str(base),
                           '--model', 'conv2former_t'))
-    assert rc == 2 and 'is a conv2former_n run' in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc == 2 and "--model 'conv2former_t' differs from the run being resumed ('conv2former_n')" in err
 
 
 def test_corrupt_images_are_skipped_and_counted_or_fail_with_strict(tmp_path, toy_data, capsys):
@@ -288,7 +293,7 @@ def test_amp_channels_last_compile_ema_and_grad_checkpointing_run(tmp_path, toy_
 
 
 def test_cuda_out_of_memory_names_the_batch_size(tmp_path, toy_data, monkeypatch, capsys):
-    from conv2former.training import loop
+    from conv2former.tasks.classification import task as loop
 
     class OutOfMemory(loop.LabelSmoothingCrossEntropy):
         def forward(self, x, target):

@@ -7,7 +7,7 @@ import warnings
 from datetime import datetime
 from pathlib import Path
 
-from .fileio import atomic_path, atomic_write_text
+from ..fileio import atomic_path, atomic_write_text
 
 _EPOCH_COLUMNS = [  # (header, metrics.jsonl key, format)
     ('epoch', 'epoch', 'd'),

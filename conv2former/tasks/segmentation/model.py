@@ -18,7 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models import split_model_name_tag
 
-from ..inference import pretrained_overlay, unwrap_module
+from ...data import pair as _pair
+from ...fileio import pretrained_overlay, unwrap_module
+from ...models import MODEL_NAMES
 
 __all__ = ['PREDICT_MODES', 'build_segmenter', 'backbone_of', 'sliding_windows', 'predict_segmentation']
 
@@ -87,7 +89,7 @@ def build_segmenter(
     """
     if not timm.is_model(backbone):
         raise ValueError(f'unknown backbone {backbone!r}; registered Conv2Former models: '
-                         f'{", ".join(timm.list_models("conv2former*"))}')
+                         f'{", ".join(MODEL_NAMES)}')
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f'num_classes must be an integer >= 1, got {num_classes!r}')
     if not isinstance(decoder_channels, int) or decoder_channels < 1:
@@ -120,13 +122,6 @@ def backbone_of(model: nn.Module) -> nn.Module:
         raise ValueError(f'expected a model from build_segmenter (a timm encoder at .encoder.model), '
                          f'got a {type(model).__name__}')
     return inner
-
-
-def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, int) and v >= 1 for v in pair):
-        raise ValueError(f'{name} must be a positive int or (height, width) of positive ints, got {value!r}')
-    return pair
 
 
 def sliding_windows(

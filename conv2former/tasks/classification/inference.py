@@ -1,9 +1,5 @@
-"""Inference helpers: model folders (timm ``local-dir`` format), checkpoint conversion, prediction and export.
-
-A *model folder* is what ``timm.models.save_for_hf`` writes (``config.json`` + ``model.safetensors``); its
-``config.json`` also carries ``label_names`` and ``model_args``, and ``model_ema.safetensors`` may sit beside it.
-A *run folder* (``conv2former train --output``) holds model folders ``best/`` and ``last/``.
-Weights are only ever read with safetensors or ``torch.load(weights_only=True)``.
+"""Classification inference: loading a classifier (run folder, model folder or weights file), upstream checkpoint
+conversion, prediction and export (ONNX, torch.export). Model folders are written and read by ``conv2former.fileio``.
 """
 from __future__ import annotations
 
@@ -15,23 +11,20 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
-import safetensors.torch
 import timm
 import timm.data
 import torch
 import torch.nn as nn
 from PIL import Image
 from timm.models import split_model_name_tag
-from timm.models._hub import save_config_for_hf
 
-from .data import load_rgb
-from .fileio import atomic_folder
-from .models import MODEL_CONFIGS, load_state_dict_file, unwrap_state_dict
+from ...data import load_rgb
+from ...fileio import (CONFIG_NAME, _drop_state_dict_ref, find_model_folder, infer_num_classes, load_classifier_folder,
+                       unwrap_module, write_model_folder)
+from ...models import MODEL_CONFIGS, load_state_dict_file, unwrap_state_dict
+from ...models import MODEL_NAMES
 
 __all__ = [
-    'infer_num_classes',
-    'pretrained_overlay',
-    'write_model_folder',
     'load_model',
     'convert_upstream',
     'predict',
@@ -42,91 +35,7 @@ __all__ = [
 
 _logger = logging.getLogger(__name__)
 
-CONFIG_NAME = 'config.json'
-WEIGHTS_NAME = 'model.safetensors'
-EMA_WEIGHTS_NAME = 'model_ema.safetensors'
-# weight files timm's local-dir loader picks before globbing (which could pick model_ema.safetensors instead)
-_FOLDER_WEIGHTS = (WEIGHTS_NAME, 'pytorch_model.bin', 'pytorch_model.pth', 'model.pth')
-_CLASSIFIER_KEYS = ('head.fc.weight', 'pred.weight')  # ours, upstream
 _TRANSFORM_KEYS = ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# model folders
-
-
-def unwrap_module(model: nn.Module) -> nn.Module:
-    """Strip torch.compile and (Distributed)DataParallel wrappers."""
-    while True:
-        if hasattr(model, '_orig_mod'):
-            model = model._orig_mod
-        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
-        else:
-            return model
-
-
-def write_model_folder(
-        model: nn.Module,
-        out_dir: str | Path,
-        model_args: dict,
-        label_names: Sequence[str] | None = None,
-        ema_state_dict: Mapping[str, torch.Tensor] | None = None,
-) -> Path:
-    """Write ``model`` as a timm ``local-dir`` model folder, atomically.
-
-    Everything is written into a temporary folder beside ``out_dir`` and renamed into place; an existing
-    ``out_dir`` is replaced only once the new folder is complete. ``config.json`` gets ``model_args`` (constructor
-    kwargs that rebuild the architecture) and ``label_names``; ``ema_state_dict`` (same keys as the model) is saved
-    as ``model_ema.safetensors``. Returns the folder.
-    """
-    model = unwrap_module(model)
-    out_dir = Path(out_dir)
-    num_classes = getattr(model, 'num_classes', None)
-    if label_names is not None:
-        label_names = [str(n) for n in label_names]
-        if num_classes is not None and len(label_names) != num_classes:
-            raise ValueError(f'{len(label_names)} label_names given for a model with {num_classes} classes')
-    ema = None
-    if ema_state_dict is not None:
-        expected = model.state_dict()
-        ema = {k: v.detach().to('cpu').contiguous() for k, v in _unwrap_ema(ema_state_dict).items()}
-        missing = sorted(set(expected) - set(ema))
-        unexpected = sorted(set(ema) - set(expected))
-        shapes = [k for k in expected if k in ema and ema[k].shape != expected[k].shape]
-        if missing or unexpected or shapes:
-            raise ValueError(
-                f'ema_state_dict does not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}, '
-                f'different shapes {shapes[:8]}')
-
-    with atomic_folder(out_dir) as tmp:
-        model_config = dict(label_names=label_names) if label_names else None
-        save_config_for_hf(model, str(tmp / CONFIG_NAME), model_config=model_config,
-                           model_args=dict(model_args or {}))
-        # weights of a channels_last model are strided: safetensors stores contiguous tensors only
-        weights = {k: v.detach().to('cpu').contiguous() for k, v in model.state_dict().items()}
-        safetensors.torch.save_file(weights, str(tmp / WEIGHTS_NAME))
-        # make sure the two fields this project reads are at the top level, whatever timm's version does
-        cfg_file = tmp / CONFIG_NAME
-        cfg = json.loads(cfg_file.read_text())
-        cfg['model_args'] = {**json.loads(json.dumps(dict(model_args or {}))), **cfg.get('model_args', {})}
-        if label_names:
-            cfg['label_names'] = label_names
-        cfg_file.write_text(json.dumps(cfg, indent=2))
-        if ema is not None:
-            safetensors.torch.save_file(ema, str(tmp / EMA_WEIGHTS_NAME))
-    return out_dir
-
-
-def _unwrap_ema(state_dict: Mapping[str, torch.Tensor]) -> dict:
-    """Strip the 'module.' / '_orig_mod.' prefixes an EMA wrapper's state_dict may carry."""
-    out = {}
-    for k, v in state_dict.items():
-        for prefix in ('module.', '_orig_mod.'):
-            if k.startswith(prefix):
-                k = k[len(prefix):]
-        out[k] = v
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -134,7 +43,7 @@ def _unwrap_ema(state_dict: Mapping[str, torch.Tensor]) -> dict:
 
 
 def _known_models() -> list[str]:
-    return timm.list_models('conv2former*')
+    return list(MODEL_NAMES)
 
 
 def _check_model_name(model_name: str, source: str | Path | None = None) -> None:
@@ -142,43 +51,6 @@ def _check_model_name(model_name: str, source: str | Path | None = None) -> None
     if base not in _known_models():
         where = f' (from {source})' if source is not None else ''
         raise ValueError(f'unknown model name {model_name!r}{where}; expected one of {", ".join(_known_models())}')
-
-
-def infer_num_classes(state_dict: Mapping[str, torch.Tensor]) -> int:
-    """Classifier outputs of an (unwrapped) checkpoint, ours or upstream layout; 0 when it has no classifier."""
-    for key in _CLASSIFIER_KEYS:
-        if key in state_dict:
-            return int(state_dict[key].shape[0])
-    return 0
-
-
-def pretrained_overlay(path: str | Path) -> dict:
-    """timm ``pretrained_cfg_overlay`` for initial weights: a model folder or a weights file (ours or upstream), read
-    without unpickling; its ``num_classes`` lets timm re-initialise a classifier of another size."""
-    path = Path(path)
-    state_dict = unwrap_state_dict(load_state_dict_file(path / WEIGHTS_NAME if path.is_dir() else path))
-    return dict(state_dict=state_dict, num_classes=infer_num_classes(state_dict))
-
-
-def _resolve_folder(path: Path) -> Path:
-    """A model folder, or the ``best/`` (else ``last/``) model folder of a run folder."""
-    if (path / CONFIG_NAME).is_file():
-        return path
-    for sub in ('best', 'last'):
-        if (path / sub / CONFIG_NAME).is_file():
-            return path / sub
-    raise FileNotFoundError(
-        f'{path} is neither a model folder (no {CONFIG_NAME}) nor a run folder (no best/{CONFIG_NAME} or '
-        f'last/{CONFIG_NAME}); expected a folder written by `conv2former train` / `conv2former convert`, '
-        f'or a weights file (.safetensors, .pth, .pth.tar) with a model name')
-
-
-def _drop_state_dict_ref(model: nn.Module) -> None:
-    """Release the weights a pretrained_cfg overlay keeps referenced (they are already copied into the model)."""
-    for attr in ('pretrained_cfg', 'default_cfg'):
-        cfg = getattr(model, attr, None)
-        if isinstance(cfg, dict):
-            cfg.pop('state_dict', None)
 
 
 def _label_names(model: nn.Module) -> list[str] | None:
@@ -190,32 +62,6 @@ def _label_names(model: nn.Module) -> list[str] | None:
         names = [str(names.get(str(i), names.get(i, i))) for i in range(num_classes)]
     names = [str(n) for n in names]
     return names if len(names) == num_classes else None
-
-
-def _load_folder(folder: Path, use_ema: bool, model_kwargs: dict) -> nn.Module:
-    cfg_file = folder / CONFIG_NAME
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f'cannot read {cfg_file}: {e}') from None
-    arch = cfg.get('architecture') if isinstance(cfg, dict) else None
-    if not arch:
-        raise ValueError(f'{cfg_file} names no architecture; expected a config.json written by timm save_for_hf')
-    _check_model_name(arch, cfg_file)
-    if not any((folder / name).is_file() for name in _FOLDER_WEIGHTS):
-        raise FileNotFoundError(f'{folder} has {CONFIG_NAME} but no weights: expected {WEIGHTS_NAME}')
-    model_kwargs = dict(model_kwargs)
-    if use_ema:
-        ema_file = folder / EMA_WEIGHTS_NAME
-        if not ema_file.is_file():
-            raise FileNotFoundError(f'use_ema: {folder} has no {EMA_WEIGHTS_NAME} (the run kept no EMA weights)')
-        # read the EMA file like any other weights file (safely, keys and shapes checked by checkpoint_filter_fn)
-        overlay = dict(model_kwargs.pop('pretrained_cfg_overlay', None) or {}, source='', file=str(ema_file))
-        model = timm.create_model(f'local-dir:{folder}', pretrained=True, pretrained_cfg_overlay=overlay,
-                                  **model_kwargs)
-        _drop_state_dict_ref(model)
-        return model
-    return timm.create_model(f'local-dir:{folder}', pretrained=True, **model_kwargs)
 
 
 def _load_weights_file(path: Path, model_name: str | None, use_ema: bool, model_kwargs: dict) -> nn.Module:
@@ -262,12 +108,16 @@ def load_model(
     if not path.exists():
         raise FileNotFoundError(f'checkpoint not found: {path}')
     if path.is_dir():
-        folder = _resolve_folder(path)
-        if model_name:
+        folder = find_model_folder(path)
+        try:
             arch = json.loads((folder / CONFIG_NAME).read_text()).get('architecture')
-            if arch and split_model_name_tag(model_name)[0] != arch:
-                _logger.warning('%s holds a %s model; ignoring model name %s', folder, arch, model_name)
-        model = _load_folder(folder, use_ema, model_kwargs)
+        except (OSError, ValueError, AttributeError) as e:
+            raise ValueError(f'cannot read {folder / CONFIG_NAME}: {e}') from None
+        if arch:
+            _check_model_name(arch, folder / CONFIG_NAME)
+        if model_name and arch and split_model_name_tag(model_name)[0] != arch:
+            _logger.warning('%s holds a %s model; ignoring model name %s', folder, arch, model_name)
+        model = load_classifier_folder(folder, use_ema, model_kwargs)
     else:
         model = _load_weights_file(path, model_name, use_ema, model_kwargs)
     model = model.to(device).eval()

@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-from ..fileio import atomic_path
+from .fileio import atomic_path
 
 __all__ = ['palette', 'detection_overlay', 'segmentation_overlay']
 

@@ -1,14 +1,10 @@
-"""Dense-task recipes: named sets of flag defaults (explicit flags and --config values override them).
+"""Detection recipes: named sets of option values (explicit flags and --config values override them).
 
 Detection follows the ConvNeXt / Swin Mask R-CNN COCO recipe (mmdetection): AdamW, weight decay 0.05, layer-wise lr
 decay 0.95, multi-scale training (short side 480-800 in steps of 32, long side <= 1333; test at 800), 500 linear
 warm-up iterations from 0.1% of the lr, lr x0.1 at epochs 8 and 11 (1x, 12 epochs) or 27 and 33 (3x, 36 epochs),
 batch 16 (2 images x 8 GPUs: -b 2 under an 8-process torchrun). ConvNeXt groups its layers coarser (6 groups)
 than we do (one per block), so the same rate decays a little faster here.
-
-Segmentation follows the ConvNeXt / Swin UperNet ADE20k recipe (mmsegmentation): 160k iterations of batch 16, AdamW
-lr 1e-4, weight decay 0.05, layer decay 0.9, poly schedule (power 1, to 0), 1500 warm-up iterations, crop 512,
-random rescale 0.5-2x of a 512 short side, flip, photometric distortion. Its auxiliary FCN head is not built.
 """
 
 _MULTI_SCALE = tuple(range(480, 801, 32))
@@ -23,11 +19,4 @@ DETECTION_RECIPES = {
                           drop_path=0.2),
     'fasterrcnn-3x': dict(_DETECTION, model='fasterrcnn', epochs=36, decay_milestones=(27, 33), lr=2e-4,
                           drop_path=0.4),
-}
-
-SEGMENTATION_RECIPES = {
-    'upernet-160k': dict(model='upernet', opt='adamw', lr=1e-4, weight_decay=0.05, layer_decay=0.9, sched='poly',
-                         decay_rate=1.0, min_lr=0.0, warmup_iters=1500, warmup_ratio=1e-6, iters=160000, batch_size=2,
-                         crop_size=(512, 512), scale_range=(0.5, 2.0), base_size=512, hflip=0.5, photometric=True,
-                         drop_path=0.3, decoder_channels=512),
 }

@@ -2,7 +2,6 @@
 metric files, TensorBoard, and the messages for a diverged loss or a CUDA out-of-memory error."""
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -14,14 +13,14 @@ from typing import Optional
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
 import yaml
 
 from ..fileio import atomic_write_text
-from .checkpoint import find_resume_checkpoint, list_checkpoints, load_train_state, rng_state, set_rng_state
 from .distributed import DistEnv
+from .options import as_dict
+from .state import find_resume_checkpoint, list_checkpoints, load_train_state
 
 AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
 
@@ -69,12 +68,6 @@ def write_metrics(run_dir: Path, history: list, lr_points: list) -> None:
     atomic_write_text(run_dir / 'lr_schedule.jsonl', lr_lines)
 
 
-def config_dict(cfg: argparse.Namespace) -> dict:
-    """The run's flags as plain YAML/JSON values."""
-    return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
-            for k, v in sorted(vars(cfg).items()) if k not in ('func', 'command')}
-
-
 def tensorboard_writer(run_dir: Path, env: DistEnv):
     """A TensorBoard writer on rank 0 when the tensorboard package is installed, else None."""
     if not env.is_main:
@@ -112,57 +105,37 @@ def out_of_memory(what: str, batch_size: int, grad_accum_steps: int, amp: Option
         f'--grad-checkpointing, --amp bf16.')
 
 
-def start_run(cfg: argparse.Namespace, env: DistEnv, model_id: str, default_name: str
+def find_run(resume) -> tuple[Path, Path, dict, Optional[dict]]:
+    """(run folder, checkpoint, its training state, the run's saved options or None) of ``--resume RUN``."""
+    checkpoint = find_resume_checkpoint(resume)
+    run_dir = checkpoint.parent.parent  # <run>/checkpoints/<name>
+    config = run_dir / 'config.yaml'
+    saved = yaml.safe_load(config.read_text()) if config.is_file() else None
+    return run_dir, checkpoint, load_train_state(checkpoint), saved
+
+
+def start_run(options, env: DistEnv, model_id: str, default_name: str
               ) -> tuple[Path, Optional[Path], Optional[dict]]:
-    """Resolve the run folder (``--resume`` or ``--output/--experiment``, else ``default_name-<date>-<time>``),
-    refuse to overwrite a run or to resume another model's, write ``config.yaml``, start logging, seed. Returns
-    (run folder, checkpoint resumed from or None, its training state or None)."""
-    resume_from = find_resume_checkpoint(cfg.resume) if cfg.resume else None
-    state = load_train_state(resume_from) if resume_from else None
-    if state is not None and state['model'] != model_id:
-        raise ValueError(f'--resume {resume_from} is a {state["model"]} run, but this run is {model_id}')
-    if resume_from is not None:
-        run_dir = resume_from.parent.parent  # <run>/checkpoints/<name>
+    """Resolve the run folder (``resume`` or ``output/experiment``, else ``default_name-<date>-<time>``), refuse to
+    overwrite a run or to resume another model's, write ``config.yaml``, start logging, seed. Returns (run folder,
+    checkpoint resumed from or None, its training state or None)."""
+    if options.resume:
+        run_dir, resume_from, state, _ = find_run(options.resume)
+        if state['model'] != model_id:
+            raise ValueError(f'--resume {resume_from} is a {state["model"]} run, but this run is {model_id}')
     else:
-        run_dir = cfg.output / (cfg.experiment or f'{default_name}-{datetime.now():%Y%m%d-%H%M%S}')
+        resume_from, state = None, None
+        run_dir = Path(options.output) / (options.experiment or f'{default_name}-{datetime.now():%Y%m%d-%H%M%S}')
         if list_checkpoints(run_dir):
             raise ValueError(f'{run_dir} already holds a run: continue it with --resume {run_dir}, or choose another '
                              f'--experiment / --output')
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / 'config.yaml', yaml.safe_dump(config_dict(cfg), sort_keys=True))
+        atomic_write_text(run_dir / 'config.yaml', yaml.safe_dump(as_dict(options), sort_keys=True))
     env.barrier()
     setup_logging(run_dir, env)
-    seed_all(derive_seed(cfg.seed, env.rank))
+    seed_all(derive_seed(options.seed, env.rank))
     return run_dir, resume_from, state
-
-
-def train_state(model_id: str, epoch: int, next_batch: int, step: int, env: DistEnv, batch_size: int, optimizer,
-                scheduler, scaler, history: list, lr_points: list, best: Optional[dict]) -> dict:
-    """Everything besides the weights that ``resume_training`` needs to continue bit-for-bit."""
-    return dict(model=model_id, epoch=epoch, next_batch=next_batch, step=step, world_size=env.world_size,
-                batch_size=batch_size, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                scaler=scaler.state_dict(), history=history, lr_points=[list(p) for p in lr_points], best=best,
-                rng=rng_state())
-
-
-def resume_training(resume_from: Path, state: dict, env: DistEnv, batch_size: int, model: torch.nn.Module,
-                    optimizer, scheduler, scaler) -> tuple[int, int, int, list, list, Optional[dict]]:
-    """Load a checkpoint's weights, optimizer, scheduler, scaler and RNG state (a mid-epoch checkpoint only into the
-    same processes x batch size). Returns (epoch, next batch, step, history, lr points, best)."""
-    if state['next_batch'] and (state['world_size'], state['batch_size']) != (env.world_size, batch_size):
-        raise ValueError(
-            f'{resume_from} stopped mid-epoch with {state["world_size"]} processes x -b {state["batch_size"]}; '
-            f'resume it with the same (got {env.world_size} x {batch_size}) or from an epoch-end checkpoint')
-    model.load_state_dict(load_file(str(resume_from / 'model.safetensors'), device=str(env.device)))
-    optimizer.load_state_dict(state['optimizer'])
-    scheduler.load_state_dict(state['scheduler'])
-    scaler.load_state_dict(state['scaler'])
-    set_rng_state(state['rng'])
-    logging.getLogger('conv2former.train').info('resumed from %s at epoch %d, batch %d, step %d', resume_from,
-                                                state['epoch'], state['next_batch'], state['step'])
-    return (state['epoch'], state['next_batch'], state['step'], state['history'],
-            [tuple(p) for p in state['lr_points']], state['best'])
 
 
 def optimizer_step(optimizer, scaler, model: torch.nn.Module, clip_grad: Optional[float]) -> None:

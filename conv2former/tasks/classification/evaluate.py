@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .fileio import atomic_path, atomic_write_text
+from ...fileio import atomic_path, atomic_write_text
 
 
 @dataclass

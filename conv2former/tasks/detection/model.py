@@ -15,7 +15,8 @@ from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool, LastLevelP6P7
 
-from ..inference import pretrained_overlay
+from ...fileio import pretrained_overlay
+from ...models import MODEL_NAMES
 
 __all__ = ['DETECTORS', 'Conv2FormerFPN', 'build_detector']
 
@@ -43,7 +44,7 @@ class Conv2FormerFPN(nn.Module):
             raise ValueError(f"levels must be 'p2-p6' or 'p3-p7', got {levels!r}")
         if not timm.is_model(model_name):
             raise ValueError(f'unknown backbone {model_name!r}; registered Conv2Former models: '
-                             f'{timm.list_models("conv2former*")}')
+                             f'{", ".join(MODEL_NAMES)}')
         out_indices = (0, 1, 2, 3) if levels == 'p2-p6' else (1, 2, 3)
         kwargs = dict(model_kwargs)
         if pretrained is not None:

@@ -1,0 +1,162 @@
+"""The training state as one object, and its checkpoints: a model folder (config.json + model.safetensors
+[+ model_ema.safetensors]) plus ``train_state.pt`` (optimizer, scheduler, scaler, position, RNG, history), written
+atomically.
+
+A checkpoint is built in a temporary folder and renamed into place, so a crash while writing never leaves a
+half-written checkpoint that ``--resume`` would trust; the previous checkpoints stay untouched.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from .distributed import DistEnv
+
+STATE_FILE = 'train_state.pt'
+CHECKPOINTS = 'checkpoints'
+_NAME = re.compile(r'^epoch-(\d+)-step-(\d+)$')
+
+
+def checkpoint_name(epoch: int, step: int) -> str:
+    return f'epoch-{epoch:04d}-step-{step:08d}'
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = dict(
+        torch=torch.get_rng_state(),
+        python=random.getstate(),
+        numpy=dict(keys=torch.from_numpy(np_state[1].astype(np.int64)), pos=int(np_state[2]),
+                   has_gauss=int(np_state[3]), gauss=float(np_state[4])),
+    )
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state['torch'])
+    random.setstate(state['python'])
+    n = state['numpy']
+    np.random.set_state(('MT19937', n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['gauss']))
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def save_checkpoint(
+        run_dir: Path,
+        name: str,
+        write_model: Callable[[Path], object],
+        train_state: dict,
+        keep: int = 3,
+) -> Path:
+    """Write ``run_dir/checkpoints/<name>`` atomically and keep only the newest ``keep`` checkpoints.
+
+    ``write_model(folder)`` writes the model folder (the task's ``write_model``) into a temporary folder that becomes
+    the checkpoint.
+    """
+    final = run_dir / CHECKPOINTS / name
+    tmp = final.with_name(f'.{name}.tmp-{os.getpid()}')
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    write_model(tmp)
+    torch.save(train_state, tmp / STATE_FILE)
+    if final.exists():  # re-saving the same position (e.g. after a resume): swap, never leave a gap in between
+        stale = final.with_name(f'.{name}.stale-{os.getpid()}')
+        os.rename(final, stale)
+        os.rename(tmp, final)
+        shutil.rmtree(stale)
+    else:
+        os.rename(tmp, final)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list:
+    """Complete checkpoints of a run, oldest first (temporary folders are ignored)."""
+    folder = Path(run_dir) / CHECKPOINTS
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if _NAME.match(p.name) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: tuple(int(g) for g in _NAME.match(p.name).groups()))
+
+
+def find_resume_checkpoint(path: Path) -> Path:
+    """A checkpoint folder, or the newest complete checkpoint of a run folder."""
+    path = Path(path)
+    if (path / STATE_FILE).is_file():
+        return path
+    checkpoints = list_checkpoints(path)
+    if not checkpoints:
+        raise FileNotFoundError(
+            f'--resume {path}: no complete checkpoint there (expected a run folder with {CHECKPOINTS}/epoch-*-step-*/'
+            f'{STATE_FILE}, or such a checkpoint folder)')
+    return checkpoints[-1]
+
+
+def load_train_state(checkpoint_dir: Path) -> dict:
+    """The training state, read with ``weights_only=True`` (tensors and plain containers only)."""
+    return torch.load(Path(checkpoint_dir) / STATE_FILE, map_location='cpu', weights_only=True)
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Everything a run needs to continue bit-for-bit: the model, optimizer, scheduler, grad scaler and EMA, the
+    position (epoch, next micro-batch, optimizer step), the loss accumulated so far in the current epoch, the
+    history and the best result. ``state_dict``/``load`` save and restore it as a whole (with the RNG states)."""
+    model: torch.nn.Module
+    optimizer: Any
+    scheduler: Any
+    scaler: Any
+    ema: Any = None
+    epoch: int = 0
+    next_batch: int = 0
+    step: int = 0
+    history: list = dataclasses.field(default_factory=list)
+    lr_points: list = dataclasses.field(default_factory=list)
+    best: Optional[dict] = None
+    epoch_loss: tuple = (0.0, 0, 0)  # (sum, micro-batches, images) of the epoch in progress
+
+    def state_dict(self, model_id: str, env: DistEnv, batch_size: int) -> dict:
+        """The ``train_state.pt`` payload (tensors and plain containers only; the weights go to the model folder)."""
+        return dict(model=model_id, epoch=self.epoch, next_batch=self.next_batch, step=self.step,
+                    world_size=env.world_size, batch_size=batch_size, optimizer=self.optimizer.state_dict(),
+                    scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict(), history=self.history,
+                    lr_points=[list(p) for p in self.lr_points], best=self.best, epoch_loss=list(self.epoch_loss),
+                    rng=rng_state())
+
+    def load(self, checkpoint: Path, state: dict, env: DistEnv, batch_size: int) -> None:
+        """Restore weights (and EMA weights), optimizer, scheduler, scaler, position and RNG from a checkpoint; a
+        mid-epoch checkpoint only into the same processes x batch size."""
+        if state['next_batch'] and (state['world_size'], state['batch_size']) != (env.world_size, batch_size):
+            raise ValueError(
+                f'{checkpoint} stopped mid-epoch with {state["world_size"]} processes x -b {state["batch_size"]}; '
+                f'resume it with the same (got {env.world_size} x {batch_size}) or from an epoch-end checkpoint')
+        self.model.load_state_dict(load_file(str(checkpoint / 'model.safetensors'), device=str(env.device)))
+        ema_file = checkpoint / 'model_ema.safetensors'
+        if self.ema is not None and ema_file.is_file():
+            self.ema.module.load_state_dict(load_file(str(ema_file), device=str(env.device)))
+        self.optimizer.load_state_dict(state['optimizer'])
+        self.scheduler.load_state_dict(state['scheduler'])
+        self.scaler.load_state_dict(state['scaler'])
+        set_rng_state(state['rng'])
+        self.epoch, self.next_batch, self.step = state['epoch'], state['next_batch'], state['step']
+        self.history, self.best = state['history'], state['best']
+        if self.best is not None and 'value' not in self.best:  # classification checkpoints before the engine
+            self.best = dict(epoch=self.best['epoch'], metric='val_top1', value=self.best['val_top1'])
+        self.lr_points = [tuple(p) for p in state['lr_points']]
+        loss = state.get('epoch_loss')  # absent in checkpoints written before it was recorded
+        self.epoch_loss = tuple(loss) if loss and self.next_batch else (0.0, 0, 0)
+        logging.getLogger('conv2former.train').info('resumed from %s at epoch %d, batch %d, step %d', checkpoint,
+                                                    self.epoch, self.next_batch, self.step)

@@ -1,0 +1,163 @@
+"""``conv2former train | validate | predict | convert | export``: the classification sub-commands. ``train`` builds
+the options and calls the Python API; the others load a model folder (or weights file) and use this package."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ...engine.options import add_arguments, keywords
+from .task import ClassificationOptions
+
+
+def _explicit(args: argparse.Namespace) -> dict:
+    """The options given on the command line (flags not given stay out: defaults, recipe and YAML fill them)."""
+    return {k: v for k, v in vars(args).items() if k not in ('func', 'command')}
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from ...api import train
+    final = train('classification', **_explicit(args))
+    if final.get('val_top1') is not None:
+        print(f'final: top-1 {final["val_top1"]:.2f}%  top-5 {final["val_top5"]:.2f}%  '
+              f'(best {final.get("best_top1", final["val_top1"]):.2f}%)  run folder: {final["run_dir"]}')
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    import torch
+    from timm.data import create_transform, resolve_data_config
+    from torch.utils.data import DataLoader
+
+    from ...data import find_split, resolve_data_dir
+    from .data import ImageFolderDataset, build_timm_datasets, is_timm_source
+    from .evaluate import evaluate, save_confusion_matrix_png, write_results
+    from .inference import load_model
+    from ...engine.runtime import AMP_DTYPES
+
+    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    model, class_names, data_config = load_model(args.checkpoint, args.model, use_ema=args.use_ema, device=device)
+    overrides = dict(img_size=args.img_size, crop_pct=args.crop_pct, interpolation=args.interpolation)
+    data_config = resolve_data_config({k: v for k, v in overrides.items() if v is not None}, model=model)
+    if is_timm_source(args.data):
+        _, dataset, _ = build_timm_datasets(args.data, args.data_dir)
+        if class_names is not None and dataset.class_names != list(class_names):
+            raise ValueError(f'{args.data} classes {dataset.class_names} differ from the model\'s {class_names}')
+        dataset.transform, split_dir = create_transform(**data_config), f'{args.data} (validation)'
+    else:
+        split_dir = find_split(resolve_data_dir(args.data), args.split)
+        dataset = ImageFolderDataset(split_dir, transform=create_transform(**data_config), class_names=class_names,
+                                     strict=args.strict)
+    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    result = evaluate(model, loader, device, len(dataset.class_names), amp_dtype=AMP_DTYPES.get(args.amp),
+                      channels_last=args.channels_last)
+    extra = dict(model=getattr(model, 'pretrained_cfg', {}).get('architecture', args.model),
+                 img_size=data_config['input_size'][-1], crop_pct=data_config['crop_pct'],
+                 interpolation=data_config['interpolation'], checkpoint=str(args.checkpoint), split=str(split_dir),
+                 skipped_images=dataset.num_skipped)
+    checkpoint = Path(args.checkpoint)
+    default_dir = checkpoint if checkpoint.is_dir() else Path('.')
+    results_file = Path(args.results_file or default_dir / 'validate_results.json')
+    write_results(result, dataset.class_names,
+                  json_path=results_file if results_file.suffix != '.csv' else None,
+                  csv_path=results_file if results_file.suffix == '.csv' else None, extra=extra)
+    png = save_confusion_matrix_png(result.confusion, dataset.class_names, results_file.with_suffix('.png'))
+    print(f'top-1 {result.top1:.2f}%  top-5 {result.top5:.2f}%  loss {result.loss:.4f}  '
+          f'({result.num_samples} images, {dataset.num_skipped} skipped)')
+    width = max(len(n) for n in dataset.class_names)
+    for name, acc in zip(dataset.class_names, result.per_class_accuracy):
+        print(f'  {name:<{width}}  {acc:6.2f}%')
+    print(f'results: {results_file}\nconfusion matrix: {png}')
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from .inference import format_predictions, load_model, predict
+    model, class_names, data_config = load_model(args.checkpoint, args.model, use_ema=args.use_ema,
+                                                 device=args.device or 'cpu')
+    results = predict(model, args.images, data_config, class_names=class_names, topk=args.topk,
+                      batch_size=args.batch_size, device=args.device or 'cpu')
+    print(json.dumps(results, indent=2) if args.json else format_predictions(results))
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .inference import convert_upstream
+    kwargs = keywords(args.model_kwargs)
+    labels = Path(args.labels).read_text().split('\n') if args.labels else None
+    out = convert_upstream(args.src, args.output, args.model, label_names=[x for x in labels or [] if x] or None,
+                           **kwargs)
+    print(f'wrote {out} (load with timm.create_model("local-dir:{out}", pretrained=True))')
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .inference import export_onnx, export_torch, load_model
+    model, _, data_config = load_model(args.checkpoint, args.model, use_ema=args.use_ema)
+    size = args.img_size or data_config['input_size'][-1]
+    args.output.mkdir(parents=True, exist_ok=True)
+    in_chans = data_config['input_size'][0]
+    if args.format in ('onnx', 'all'):
+        print(f'ONNX: {export_onnx(model, args.output / "model.onnx", size, in_chans=in_chans)}')
+    if args.format in ('torch', 'all'):
+        print(f'torch.export: {export_torch(model, args.output / "model.pt2", size, in_chans=in_chans)}')
+    return 0
+
+
+def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument('--checkpoint', required=True,
+                   help='run folder, model folder (config.json + model.safetensors), or a weights file with --model')
+    p.add_argument('--model', help='model name, needed when --checkpoint is a single weights file')
+    p.add_argument('--use-ema', action='store_true', help='use the EMA weights of the checkpoint')
+
+
+def add_parsers(sub) -> None:
+    """Add ``train``, ``validate``, ``predict``, ``convert`` and ``export`` to the top-level sub-parsers."""
+    p = sub.add_parser('train', help='train or fine-tune a classifier (torchrun for several processes)',
+                       description='Precedence, lowest first: defaults < --recipe < --config YAML < flags given.')
+    add_arguments(p, ClassificationOptions)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser('validate', help='top-1/top-5, per-class accuracy and confusion matrix on a split')
+    _add_checkpoint_args(p)
+    p.add_argument('--data', help='ImageFolder tree, archive or timm source (default: the bundled dataset)')
+    p.add_argument('--data-dir', help='root folder of a timm source')
+    p.add_argument('--split', default='val', help="split folder (synonyms accepted; default 'val')")
+    p.add_argument('--img-size', type=int)
+    p.add_argument('--crop-pct', type=float)
+    p.add_argument('--interpolation')
+    p.add_argument('-b', '--batch-size', type=int, default=64)
+    p.add_argument('-j', '--workers', type=int, default=2)
+    p.add_argument('--device')
+    p.add_argument('--amp', nargs='?', const='bf16', choices=['bf16', 'fp16'])
+    p.add_argument('--channels-last', action='store_true')
+    p.add_argument('--strict', action='store_true', help='fail on unreadable images instead of skipping them')
+    p.add_argument('--results-file', help='.json or .csv (default: <checkpoint folder>/validate_results.json)')
+    p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser('predict', help='top-k labels for images')
+    p.add_argument('images', nargs='+')
+    _add_checkpoint_args(p)
+    p.add_argument('--topk', type=int, default=5)
+    p.add_argument('-b', '--batch-size', type=int, default=32)
+    p.add_argument('--device')
+    p.add_argument('--json', action='store_true')
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser('convert', help='upstream .pth/.pth.tar → model folder (safetensors + config.json)')
+    p.add_argument('src')
+    p.add_argument('--model', required=True, help='registered model name of the checkpoint')
+    p.add_argument('--output', required=True, type=Path)
+    p.add_argument('--model-kwargs', action='append', default=[], metavar='KEY=VALUE')
+    p.add_argument('--labels', help='text file with one class name per line')
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser('export', help='ONNX (checked with onnxruntime when installed) and torch.export')
+    _add_checkpoint_args(p)
+    p.add_argument('--output', required=True, type=Path)
+    p.add_argument('--format', choices=['onnx', 'torch', 'all'], default='all')
+    p.add_argument('--img-size', type=int)
+    p.set_defaults(func=_cmd_export)
+

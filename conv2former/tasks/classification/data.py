@@ -1,0 +1,195 @@
+"""Classification data: ImageFolder trees (``<root>/<split>/<class>/<image>``, or an archive of one) and timm's
+map-style dataset sources (``torch/<name>``, ``hfds/<hub id>``). Augmentations are not done here: pass timm
+transforms."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch.utils.data
+from PIL import Image
+
+from ...data import IMG_EXTENSIONS, _default_cache_dir, find_split, list_images, load_rgb
+
+__all__ = ['ImageFolderDataset', 'TimmSourceDataset', 'build_datasets', 'build_timm_datasets', 'is_timm_source']
+
+_logger = logging.getLogger(__name__)
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """``<root>/<class>/**/<image>`` → ``(transform(load_rgb(image)), class_index)``.
+
+    Classes are the sorted sub-folder names of ``root`` (hidden ones ignored), or ``class_names`` in the given order
+    (which then fixes the class indices and must name exactly those folders). Zero-byte files are skipped when the
+    dataset is built; unreadable images are skipped when loaded (with a warning, returning the next readable sample).
+    ``strict=True`` raises ValueError for either instead. ``num_skipped`` and ``skipped`` (list of ``(path, reason)``)
+    count both kinds, per process: skips seen inside DataLoader worker processes are not reported back.
+    """
+
+    def __init__(
+            self,
+            root: str | os.PathLike,
+            transform: Callable[[Image.Image], Any] | None = None,
+            class_names: list[str] | None = None,
+            strict: bool = False,
+    ):
+        self.root = Path(root)
+        self.transform = transform
+        self.strict = strict
+        if not self.root.is_dir():
+            raise FileNotFoundError(f'dataset folder {self.root} does not exist or is not a directory; '
+                                    'expected <root>/<class>/<image>')
+        found = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith('.'))
+        if not found:
+            raise ValueError(f'no class folders in {self.root}; expected <root>/<class>/<image>')
+        if class_names is not None:
+            class_names = [str(c) for c in class_names]
+            if sorted(class_names) != found:
+                raise ValueError(f'class_names do not match the class folders of {self.root}: given {class_names}, '
+                                 f'found {found} (missing folders: {sorted(set(class_names) - set(found))}, '
+                                 f'unexpected folders: {sorted(set(found) - set(class_names))})')
+        self.class_names: list[str] = list(class_names) if class_names is not None else found
+        self.skipped: list[tuple[str, str]] = []
+        self._bad: set[int] = set()
+        samples = []
+        for idx, name in enumerate(self.class_names):
+            files = list_images(self.root / name)
+            if not files:
+                _logger.warning('class folder %s holds no images (%s)', self.root / name, ', '.join(IMG_EXTENSIONS))
+            for f in files:
+                if f.stat().st_size == 0:
+                    if strict:
+                        raise ValueError(f'empty (zero-byte) image file: {f}')
+                    self.skipped.append((str(f), 'empty (zero-byte) file'))
+                    continue
+                samples.append((str(f), idx))
+        if not samples:
+            raise ValueError(f'no readable images ({", ".join(IMG_EXTENSIONS)}) in {self.root}; '
+                             f'expected <root>/<class>/<image>')
+        if self.skipped:
+            _logger.warning('%s: skipped %d zero-byte file(s), e.g. %s', self.root, len(self.skipped),
+                            self.skipped[0][0])
+        self.num_skipped: int = len(self.skipped)  # this process only: skips inside DataLoader workers are not seen
+        self.samples: list[tuple[str, int]] = sorted(samples)
+        self.targets: list[int] = [t for _, t in self.samples]
+
+    @property
+    def class_to_idx(self) -> dict[str, int]:
+        return {c: i for i, c in enumerate(self.class_names)}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        n = len(self.samples)
+        if not -n <= index < n:
+            raise IndexError(f'index {index} out of range for a dataset of {n} samples')
+        index %= n
+        for i in [(index + k) % n for k in range(n)]:
+            if i in self._bad:
+                continue
+            path, target = self.samples[i]
+            try:
+                img = load_rgb(path)
+            except (OSError, ValueError) as e:
+                if self.strict:
+                    raise ValueError(f'unreadable image {path}: {e}') from e
+                self._bad.add(i)
+                self.skipped.append((path, str(e)))
+                self.num_skipped += 1
+                _logger.warning('skipping unreadable image %s (%s)', path, e)
+                continue
+            return (self.transform(img) if self.transform is not None else img), target
+        raise RuntimeError(f'no readable image in {self.root} ({n} files tried, all unreadable)')
+
+    def __repr__(self) -> str:
+        return (f'{type(self).__name__}(root={str(self.root)!r}, samples={len(self)}, '
+                f'classes={len(self.class_names)}, skipped={self.num_skipped})')
+
+
+def build_datasets(
+        data_dir: str | os.PathLike,
+        train_transform: Callable[[Image.Image], Any] | None = None,
+        eval_transform: Callable[[Image.Image], Any] | None = None,
+        strict: bool = False,
+) -> tuple[ImageFolderDataset, ImageFolderDataset, list[str]]:
+    """``(train, val, class_names)`` from ``data_dir/<train>`` and ``data_dir/<val>`` (see :func:`find_split`).
+
+    Both splits must hold the same class folders (ValueError listing the differences otherwise).
+    """
+    root = Path(data_dir)
+    train = ImageFolderDataset(find_split(root, 'train'), train_transform, strict=strict)
+    val_root = find_split(root, 'val')
+    val_classes = sorted(p.name for p in val_root.iterdir() if p.is_dir() and not p.name.startswith('.'))
+    if val_classes != train.class_names:
+        only_train = sorted(set(train.class_names) - set(val_classes))
+        only_val = sorted(set(val_classes) - set(train.class_names))
+        raise ValueError(f'train and val classes differ in {root}: only in train ({train.root.name}): {only_train}; '
+                         f'only in val ({val_root.name}): {only_val}')
+    val = ImageFolderDataset(val_root, eval_transform, class_names=train.class_names, strict=strict)
+    return train, val, train.class_names
+
+
+# ------------------------------------------------------------------------------------------- timm dataset sources
+TIMM_SOURCES = ('torch/', 'hfds/')  # map-style sources of timm.data.create_dataset (iterable ones cannot resume)
+
+
+def is_timm_source(data) -> bool:
+    """True for a timm dataset name such as ``torch/cifar10`` or ``hfds/<hub id>`` (rather than a path)."""
+    return isinstance(data, str) and data.lower().startswith(TIMM_SOURCES + ('hfids/', 'tfds/', 'wds/'))
+
+
+class TimmSourceDataset(torch.utils.data.Dataset):
+    """A dataset from ``timm.data.create_dataset`` with this module's interface: RGB conversion, ``transform``,
+    ``class_names`` and the (always empty) skip records."""
+
+    def __init__(self, dataset, class_names: list[str], transform: Callable | None = None):
+        self.dataset, self.class_names, self.transform = dataset, class_names, transform
+        self.num_skipped, self.skipped = 0, []
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        img, target = self.dataset[index]
+        if isinstance(img, Image.Image) and img.mode != 'RGB':
+            img = img.convert('RGB')
+        return (self.transform(img) if self.transform is not None else img), int(target)
+
+
+def _source_class_names(dataset, name: str) -> list[str]:
+    classes = getattr(dataset, 'classes', None)
+    if classes is None:
+        class_to_idx = getattr(getattr(dataset, 'reader', None), 'class_to_idx', None)
+        if class_to_idx:
+            classes = [c for c, _ in sorted(class_to_idx.items(), key=lambda kv: kv[1])]
+    if not classes:
+        raise ValueError(f'cannot tell the class names of {name}; convert it to an ImageFolder tree')
+    return [str(c) for c in classes]
+
+
+def build_timm_datasets(name: str, root: str | os.PathLike | None = None, download: bool = False
+                        ) -> tuple[TimmSourceDataset, TimmSourceDataset, list[str]]:
+    """``(train, val, class_names)`` of a timm dataset source (``torch/<torchvision name>``, ``hfds/<hub id>``).
+
+    ``root`` defaults to ``<cache>/<name>``; ``download`` lets torchvision fetch what is missing.
+    """
+    import timm.data
+    if not name.lower().startswith(TIMM_SOURCES):
+        raise ValueError(f'{name}: only map-style timm sources {TIMM_SOURCES} are supported (iterable ones cannot '
+                         f'resume mid-epoch); give an ImageFolder tree or archive instead')
+    root = Path(root) if root is not None else _default_cache_dir() / name.replace('/', '-')
+    splits = []
+    for split, is_training in (('train', True), ('validation', False)):
+        try:
+            splits.append(timm.data.create_dataset(name, root=str(root), split=split, is_training=is_training,
+                                                   download=download))
+        except (RuntimeError, FileNotFoundError, OSError) as e:
+            raise FileNotFoundError(f'{name} ({split} split) not found under {root}: {e}'
+                                    + ('' if download else ' (pass --dataset-download to fetch it)')) from None
+    train_names, val_names = (_source_class_names(ds, name) for ds in splits)
+    if train_names != val_names:
+        raise ValueError(f'{name}: train and validation class names differ: {train_names} vs {val_names}')
+    return TimmSourceDataset(splits[0], train_names), TimmSourceDataset(splits[1], train_names), train_names
