@@ -297,10 +297,11 @@ def _add_eval_predict_parsers(actions, task: str, add_task_args) -> None:
 def cmd_train(task: str, args: argparse.Namespace) -> int:
     """``detect train`` / ``segment train`` through the Python API."""
     from ..api import train
+    from . import get_task
+    task_cls = get_task(task)[0]
     final = train(task, **{k: v for k, v in vars(args).items() if k not in ('func', 'command', 'action')})
-    metric = 'bbox_AP' if task == 'detection' else 'mIoU'
-    shown = ', '.join(f'{k} {v:.2f}' for k, v in final.items()
-                      if isinstance(v, float) and k.startswith(('bbox_AP', 'segm_AP', 'mIoU', 'pixel_acc')))
+    metric, shown_keys = task_cls.best_metric, set(task_cls.curves.values())
+    shown = ', '.join(f'{k} {v:.2f}' for k, v in final.items() if isinstance(v, float) and k in shown_keys)
     best = final.get(f'best_{metric}')
     print(f'final: {shown or "no evaluation"}  (best {metric}: {"–" if best is None else f"{best:.2f}"})  '
           f'run folder: {final["run_dir"]}')
