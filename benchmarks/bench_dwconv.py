@@ -102,21 +102,33 @@ def time_host(fn: Callable[[], object], warmup: int, iters: int) -> float:
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    return ((out.to(ref.dtype) - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def check(op: Callable, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> dict[str, float]:
-    """Relative errors of ``op``'s output and gradients against F.conv2d on fp32 copies of the same inputs."""
-    grad_out = torch.randn_like(x)
-    leaves = [t.detach().requires_grad_() for t in (x, weight, bias)]
+def check_against(op: Callable, reference: Callable, inputs: tuple[torch.Tensor, ...], names: tuple[str, ...],
+                  ref_dtype: torch.dtype = torch.float32) -> dict[str, float]:
+    """Relative errors of ``op(*inputs)`` and its input gradients against ``reference`` run on ``ref_dtype`` copies of
+    the same inputs, for the same random output gradient; ``names`` name the output and then each input's gradient."""
+    leaves = [t.detach().requires_grad_() for t in inputs]
     out = op(*leaves)
+    grad_out = torch.randn_like(out)
     out.backward(grad_out)
-    refs = [t.detach().float().requires_grad_() for t in (x, weight, bias)]
-    ref = F.conv2d(*refs, padding=weight.shape[-1] // 2, groups=x.shape[1])
-    ref.backward(grad_out.float())
-    names = ('out', 'grad_x', 'grad_weight', 'grad_bias')
+    refs = [t.detach().to(ref_dtype).requires_grad_() for t in inputs]
+    ref = reference(*refs)
+    ref.backward(grad_out.to(ref_dtype))
     return {name: rel_err(a, b) for name, a, b in zip(names, [out] + [t.grad for t in leaves],
                                                       [ref] + [t.grad for t in refs])}
+
+
+def conv_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The depthwise conv as F.conv2d runs it (cuDNN or PyTorch's native kernel)."""
+    return F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2, groups=x.shape[1])
+
+
+def check(op: Callable, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+          ref_dtype: torch.dtype = torch.float32) -> dict[str, float]:
+    """Relative errors of ``op``'s output and gradients against F.conv2d on ``ref_dtype`` copies of the same inputs."""
+    return check_against(op, conv_torch, (x, weight, bias), ('out', 'grad_x', 'grad_weight', 'grad_bias'), ref_dtype)
 
 
 def timed_fns(op: Callable, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -150,9 +162,6 @@ def run(args: argparse.Namespace) -> dict:
         torch.backends.cudnn.benchmark = True  # let cuDNN pick its fastest algorithm during warm-up
         flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=device)
         timer = functools.partial(time_cuda, warmup=args.warmup, iters=args.iters, flush=flush)
-
-    def conv_torch(x, weight, bias):
-        return F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2, groups=x.shape[1])
 
     ops = {'triton': depthwise_conv2d, 'F.conv2d': conv_torch}
     rows, failures = [], []

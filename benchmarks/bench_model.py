@@ -14,7 +14,6 @@ logits of each kernel variant are checked against kernels='torch' on the same we
 from __future__ import annotations
 
 import argparse
-import datetime
 import statistics
 import sys
 import time
@@ -27,10 +26,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing the package
 
-from common import (CHECK_BATCH, SMOKE_MODELS, SMOKE_OURS, attempt, bf16, build, check_agreement,  # noqa: E402
-                    csv, environment, fmt, free_memory, fused_variant, images, kernel_variants, log, output_stem,
-                    peak_memory_gib, record_agreement, reset_peak_memory, select_device, synchronize,
-                    timed_windows, write_report)
+from common import (CHECK_BATCH, SMOKE_MODELS, SMOKE_OURS, attempt, begin, bf16, build,  # noqa: E402
+                    check_agreement, csv, environment, fmt, footer, free_memory, fused_variant, images,
+                    kernel_variants, log, output_stem, peak_memory_gib, record_agreement, reset_peak_memory,
+                    synchronize, timed_windows, write_report)
 
 PAIRS = {'t': ('conv2former_t', 'convnext_tiny'), 'n': ('conv2former_n', 'convnext_nano'),
          'b': ('conv2former_b', 'convnext_base')}
@@ -186,22 +185,15 @@ def markdown(report: dict) -> str:
               f"{r['max_abs_logit']:.3g})" for pair, results in report['agreement'].items()
               for variant, r in results.items()]
     lines += ['', 'Max |logit diff| vs kernels=torch, same weights, bf16: ' + ('; '.join(checks) or 'none run') + '.']
-    if report['failures']:
-        lines += ['', f"**{len(report['failures'])} failure(s):** " + '; '.join(report['failures'])]
-    if not report['complete']:
-        lines += ['', '**Incomplete: the run stopped before measuring every model.**']
-    return '\n'.join(lines) + '\n'
+    return '\n'.join(lines + footer(report)) + '\n'
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = select_device(args.smoke, 'bench_model.py')
-    if device is None:
+    started = begin(args.smoke, 'bench_model.py')
+    if started is None:
         return 2
-    import conv2former  # noqa: F401  (registers the models; after TRITON_INTERPRET is set)
-
-    torch.manual_seed(0)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    device, now = started
     env = environment(device, now)
     settings = {key: getattr(args, key) for key in ('pairs', 'modes', 'infer_batch', 'train_batch', 'img_size',
                                                      'warmup', 'iters', 'windows', 'smoke')}

@@ -15,7 +15,6 @@ and a PNG plot (time and memory vs pixels, log-log) to --out, rewritten after ev
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
 import statistics
 import sys
@@ -27,10 +26,10 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]  # conv2former from this checkout; common.py also when imported
 
-from common import (CHECK_BATCH, SMOKE_MODELS, SMOKE_OURS, attempt, bf16, build, check_agreement,  # noqa: E402
-                    csv, environment, fmt, free_memory, fused_variant, images, kernel_variants, log, output_stem,
-                    peak_memory_gib, record_agreement, reset_peak_memory, select_device, synchronize,
-                    timed_windows, write_report)
+from common import (CHECK_BATCH, SMOKE_MODELS, SMOKE_OURS, attempt, begin, bf16, build,  # noqa: E402
+                    check_agreement, csv, environment, fmt, footer, free_memory, fused_variant, images,
+                    kernel_variants, log, output_stem, peak_memory_gib, record_agreement, reset_peak_memory,
+                    synchronize, timed_windows, write_report)
 
 __all__ = ['MODELS', 'parse_args', 'scaling_exponent', 'add_ratios', 'markdown', 'plot', 'main']
 
@@ -203,11 +202,7 @@ def markdown(report: dict) -> str:
               f"{r['max_abs_logit']:.3g})" for variant, r in report['agreement'].items()]
     lines += ['', f"Max |logit diff| vs kernels=torch, same weights, bf16, {sizes[0]} px: "
               + ('; '.join(checks) or 'none run') + '.']
-    if report['failures']:
-        lines += ['', f"**{len(report['failures'])} failure(s):** " + '; '.join(report['failures'])]
-    if not report['complete']:
-        lines += ['', '**Incomplete: the run stopped before measuring every model.**']
-    return '\n'.join(lines) + '\n'
+    return '\n'.join(lines + footer(report)) + '\n'
 
 
 def plot(report: dict, path: Path) -> None:
@@ -250,13 +245,10 @@ def plot(report: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = select_device(args.smoke, 'bench_resolution.py')
-    if device is None:
+    started = begin(args.smoke, 'bench_resolution.py')
+    if started is None:
         return 2
-    import conv2former  # noqa: F401  (registers the models; after TRITON_INTERPRET is set)
-
-    torch.manual_seed(0)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    device, now = started
     env = environment(device, now)
     settings = {key: getattr(args, key) for key in ('models', 'sizes', 'batch', 'warmup', 'iters', 'windows', 'smoke')}
     report = dict(environment=env, settings=dict(settings, dtype='bf16', channels_last='convnets'), complete=False,

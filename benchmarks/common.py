@@ -29,7 +29,7 @@ import torch.nn as nn
 __all__ = ['CHECK_BATCH', 'BF16_NOISE_FACTOR', 'SMOKE_MODELS', 'SMOKE_OURS', 'csv', 'select_device', 'fused_variant',
            'kernel_variants', 'build', 'images', 'bf16', 'synchronize', 'free_memory', 'reset_peak_memory',
            'peak_memory_gib', 'timed_windows', 'attempt', 'randomize_for_check', 'check_agreement',
-           'record_agreement', 'log', 'fmt', 'environment', 'output_stem', 'write_report']
+           'record_agreement', 'log', 'fmt', 'environment', 'output_stem', 'write_report', 'begin', 'footer']
 
 CHECK_BATCH = 8
 BF16_NOISE_FACTOR = 4  # a variant may differ from kernels='torch' by this many times torch's own bf16 error
@@ -61,6 +61,28 @@ def select_device(smoke: bool, script: str) -> torch.device | None:
         return None
     torch.backends.cudnn.benchmark = True  # cuDNN picks its fastest algorithms during warm-up
     return torch.device('cuda')
+
+
+def begin(smoke: bool, script: str) -> tuple[torch.device, datetime.datetime] | None:
+    """Start of a benchmark's main: the device (``select_device``; None without a GPU), conv2former's models
+    registered (after TRITON_INTERPRET is set), the seed fixed, and the UTC start time."""
+    device = select_device(smoke, script)
+    if device is None:
+        return None
+    import conv2former  # noqa: F401
+
+    torch.manual_seed(0)
+    return device, datetime.datetime.now(datetime.timezone.utc)
+
+
+def footer(report: dict) -> list[str]:
+    """Markdown lines naming the report's failures and saying when the run stopped early."""
+    lines = []
+    if report['failures']:
+        lines += ['', f"**{len(report['failures'])} failure(s):** " + '; '.join(report['failures'])]
+    if not report['complete']:
+        lines += ['', '**Incomplete: the run stopped before the end.**']
+    return lines
 
 
 def fused_variant() -> tuple[dict | None, str]:

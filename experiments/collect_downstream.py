@@ -1,4 +1,5 @@
-"""Side-by-side table of the downstream miniature (experiments/downstream.sh): one row per backbone.
+"""Side-by-side table of the downstream miniature (experiments/downstream.sh): one row per backbone, then the wall
+time of each stage (RUNS_DIR/stage_times.tsv, written by downstream.sh).
 
     python experiments/collect_downstream.py RUNS_DIR BACKBONE [BACKBONE ...]
 
@@ -11,7 +12,7 @@ import sys
 from pathlib import Path
 
 COLUMNS = [  # (header, run suffix, results.json key)
-    ('Imagenette top-1', 'imagenette', 'val_top1'),
+    ('Imagenette top-1', 'imagenette', 'top1'),
     ('Penn-Fudan box AP', 'pennfudan-maskrcnn', 'bbox_AP'),
     ('box AP50', 'pennfudan-maskrcnn', 'bbox_AP50'),
     ('mask AP', 'pennfudan-maskrcnn', 'segm_AP'),
@@ -32,12 +33,24 @@ def collect(runs: Path, backbones: list[str]) -> dict:
     return table
 
 
-def markdown(table: dict) -> str:
+def stage_times(runs: Path) -> list[dict]:
+    """Rows of stage_times.tsv (stage, seconds, status, limit_s); [] when there is none."""
+    path = runs / 'stage_times.tsv'
+    if not path.is_file():
+        return []
+    header, *rows = [line.split('\t') for line in path.read_text().splitlines() if line.strip()]
+    return [dict(zip(header, row)) for row in rows]
+
+
+def markdown(table: dict, times: list[dict]) -> str:
     headers = ['backbone'] + [h for h, _, _ in COLUMNS]
     lines = ['| ' + ' | '.join(headers) + ' |', '|' + '---|' * len(headers)]
     for backbone, row in table.items():
         cells = ['–' if v is None else f'{v:.2f}' for v in row.values()]
         lines.append('| ' + ' | '.join([backbone] + cells) + ' |')
+    if times:
+        lines += ['', '| stage | wall s | status (124: cut at the limit) | limit s |', '|---|---|---|---|']
+        lines += [f"| {t['stage']} | {t['seconds']} | {t['status']} | {t['limit_s']} |" for t in times]
     return '\n'.join(lines) + '\n'
 
 
@@ -46,10 +59,10 @@ def main(argv: list[str]) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     runs = Path(argv[0])
-    table = collect(runs, argv[1:])
-    text = markdown(table)
+    table, times = collect(runs, argv[1:]), stage_times(runs)
+    text = markdown(table, times)
     (runs / 'downstream.md').write_text(text)
-    (runs / 'downstream.json').write_text(json.dumps(table, indent=2))
+    (runs / 'downstream.json').write_text(json.dumps(dict(table=table, stage_times=times), indent=2))
     print(text)
     return 0
 

@@ -104,18 +104,24 @@ def test_resolution_smoke_writes_json_markdown_and_plot(tmp_path):
         assert image.format == 'PNG' and image.size == (1200, 480)
 
 
-@pytest.fixture(scope='module')
-def bench():
-    """benchmarks/bench_resolution.py imported as a module, sys.path and sys.modules left as they were."""
-    saved_path = list(sys.path)
+def load_script(path: Path):
+    """A benchmark script imported as a module, sys.path and sys.modules (its sibling imports) left as they were."""
+    saved_path, saved_modules = list(sys.path), set(sys.modules)
     try:
-        spec = importlib.util.spec_from_file_location('bench_resolution', RESOLUTION)
+        spec = importlib.util.spec_from_file_location(path.stem, path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     finally:
         sys.path[:] = saved_path
-        sys.modules.pop('common', None)
+        for name in ('common', 'bench_dwconv', 'bench_model'):
+            if name not in saved_modules:
+                sys.modules.pop(name, None)
     return module
+
+
+@pytest.fixture(scope='module')
+def bench():
+    return load_script(RESOLUTION)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='checks the refusal on a machine without CUDA')

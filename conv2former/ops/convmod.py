@@ -29,8 +29,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .dwconv import (_accumulator_dtypes, _empty_output, _is_channels_last, _launch_mode, _taps_by_channel,
-                     _tile_config, interpreter_enabled)
+from .dwconv import (TileConfig, _accumulator_dtypes, _empty_output, _launch_mode, _resolve_tile, _taps_by_channel,
+                     interpreter_enabled)
 from .dwconv import _validate as _validate_conv
 from .dwconv import _launch_weight_grad as dwconv_launch_weight_grad
 
@@ -176,17 +176,20 @@ def _require_launchable(x: Tensor) -> _Kernels:
     return _kernels(_launch_mode(x, 'conv_modulation'))
 
 
-def _grid_and_blocks(x: Tensor) -> tuple[tuple[int, int, int], dict]:
+def _grid_and_blocks(x: Tensor, tile: Optional[TileConfig] = None) -> tuple[tuple[int, int, int], dict]:
+    """Launch grid and tile keywords (BLOCK_* and num_warps) for ``x``; ``tile`` overrides the heuristic."""
     batch, channels, height, width = x.shape
-    block_c, block_h, block_w = _tile_config(channels, height, width, _is_channels_last(x))
-    grid = (triton.cdiv(height, block_h) * triton.cdiv(width, block_w), triton.cdiv(channels, block_c), batch)
-    return grid, dict(BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w)
+    tile = _resolve_tile(x, tile)
+    grid = (triton.cdiv(height, tile.block_h) * triton.cdiv(width, tile.block_w), triton.cdiv(channels, tile.block_c),
+            batch)
+    return grid, tile.launch_kwargs()
 
 
 def _launch_modulate(a: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor], act: bool, fusion: str,
                      weighting: str, grad: Optional[Tensor] = None, need_pre: bool = False,
-                     need_dv: bool = False) -> list[Tensor]:
-    """Forward ([M]) when ``grad`` is None, else the gradient mode: [dA_pre if need_pre] + [dv if need_dv]."""
+                     need_dv: bool = False, tile: Optional[TileConfig] = None) -> list[Tensor]:
+    """Forward ([M]) when ``grad`` is None, else the gradient mode: [dA_pre if need_pre] + [dv if need_dv];
+    ``tile`` overrides the tile heuristic."""
     kernels = _require_launchable(a)
     sigmoid, mul = weighting == 'sigmoid', fusion == 'mul'
     if grad is None:
@@ -200,7 +203,7 @@ def _launch_modulate(a: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor
         outputs = [t for t in (out, dv) if t is not None]
     if a.numel() == 0 or not outputs:
         return outputs
-    grid, blocks = _grid_and_blocks(a)
+    grid, blocks = _grid_and_blocks(a, tile)
     w_taps = _taps_by_channel(weight)
     out_ = out if out is not None else outputs[0]
     kernels.modulate[grid](
@@ -209,28 +212,29 @@ def _launch_modulate(a: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor
         *(a if grad is None else grad).stride(), *out_.stride(), *(dv if dv is not None else out_).stride(),
         K=weight.shape[-1], ACT=act, SIGMOID=sigmoid, MUL=mul, HAS_BIAS=bias is not None, GRAD=grad is not None,
         RECOMPUTE=recompute, STORE_OUT=out is not None, STORE_DV=dv is not None,
-        ACC_DTYPE=_accumulator_dtypes(a.dtype)[1], num_warps=4, **blocks)
+        ACC_DTYPE=_accumulator_dtypes(a.dtype)[1], **blocks)
     return outputs
 
 
-def _launch_input_grad(grad_pre: Tensor, a: Tensor, weight: Tensor, act: bool) -> Tensor:
-    """da = transposed depthwise conv of ``grad_pre`` times GELU'(a) (times 1 without ``act``), in a's layout."""
+def _launch_input_grad(grad_pre: Tensor, a: Tensor, weight: Tensor, act: bool,
+                       tile: Optional[TileConfig] = None) -> Tensor:
+    """da = transposed depthwise conv of ``grad_pre`` times GELU'(a) (times 1 without ``act``), in a's layout;
+    ``tile`` overrides the tile heuristic."""
     kernels = _require_launchable(a)
     da = _empty_output(a)
     if da.numel() == 0:
         return da
-    grid, blocks = _grid_and_blocks(a)
+    grid, blocks = _grid_and_blocks(a, tile)
     kernels.input_grad[grid](
         grad_pre, a, _taps_by_channel(weight), da, a.shape[1], a.shape[2], a.shape[3], *grad_pre.stride(),
-        *a.stride(), *da.stride(), K=weight.shape[-1], ACT=act, ACC_DTYPE=_accumulator_dtypes(a.dtype)[1],
-        num_warps=4, **blocks)
+        *a.stride(), *da.stride(), K=weight.shape[-1], ACT=act, ACC_DTYPE=_accumulator_dtypes(a.dtype)[1], **blocks)
     return da
 
 
-def _launch_weight_grad(grad_pre: Tensor, a: Tensor, k: int, act: bool,
-                        splits: Optional[int] = None) -> tuple[Tensor, Tensor]:
+def _launch_weight_grad(grad_pre: Tensor, a: Tensor, k: int, act: bool, splits: Optional[int] = None,
+                        tile: Optional[TileConfig] = None) -> tuple[Tensor, Tensor]:
     """(grad_weight (C, 1, k, k), grad_bias (C,)) of the depthwise conv of act(a), in a's dtype."""
-    return dwconv_launch_weight_grad(grad_pre, a, k, splits=splits, act=act)
+    return dwconv_launch_weight_grad(grad_pre, a, k, splits=splits, act=act, tile=tile)
 
 
 # ----------------------------------------------------------------------------------------------------- custom ops

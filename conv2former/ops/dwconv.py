@@ -28,8 +28,8 @@ except ImportError:  # the torch path (conv2former.ops.dwconv2d) still works
     triton = None
     tl = None
 
-__all__ = ['depthwise_conv2d', 'triton_available', 'interpreter_enabled', 'SUPPORTED_DTYPES', 'MIN_KERNEL_SIZE',
-           'MAX_KERNEL_SIZE']
+__all__ = ['depthwise_conv2d', 'triton_available', 'interpreter_enabled', 'TileConfig', 'SUPPORTED_DTYPES',
+           'MIN_KERNEL_SIZE', 'MAX_KERNEL_SIZE']
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 MIN_KERNEL_SIZE, MAX_KERNEL_SIZE = 3, 31
@@ -203,6 +203,32 @@ def _tile_config(channels: int, height: int, width: int, channels_last: bool) ->
     return min(_next_pow2(channels), max(1, 1024 // (block_h * block_w))), block_h, block_w
 
 
+class TileConfig(NamedTuple):
+    """The work of one Triton program: a BLOCK_C x BLOCK_H x BLOCK_W tile (each a power of two), run by ``num_warps``
+    warps. The launchers take one to override the shape heuristic (``_tile_config``), e.g. for autotuning."""
+    block_c: int
+    block_h: int
+    block_w: int
+    num_warps: int = 4
+
+    def launch_kwargs(self) -> dict:
+        return dict(BLOCK_C=self.block_c, BLOCK_H=self.block_h, BLOCK_W=self.block_w, num_warps=self.num_warps)
+
+
+def _resolve_tile(x: Tensor, tile: Optional[TileConfig]) -> TileConfig:
+    """``tile`` checked (ValueError naming the bad field), or the heuristic's tile for ``x`` with 4 warps."""
+    if tile is None:
+        return TileConfig(*_tile_config(x.shape[1], x.shape[2], x.shape[3], _is_channels_last(x)))
+    tile = TileConfig(*tile)
+    for name, value in zip(TileConfig._fields, tile):
+        limit = 32 if name == 'num_warps' else 1024
+        if not isinstance(value, int) or value < 1 or value & (value - 1) or value > limit:
+            raise ValueError(f'tile {name} must be a power of two in [1, {limit}], got {value!r}')
+    if tile.block_c * tile.block_h * tile.block_w > 8192:
+        raise ValueError(f'tile {tile.block_c}x{tile.block_h}x{tile.block_w} has more than 8192 elements')
+    return tile
+
+
 def _accumulator_dtypes(dtype: torch.dtype) -> tuple[torch.dtype, tl.dtype]:
     """Accumulation dtype as (torch, triton): float64 for float64 inputs (gradcheck), float32 otherwise."""
     return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
@@ -213,21 +239,23 @@ def _taps_by_channel(weight: Tensor) -> Tensor:
     return weight.reshape(weight.shape[0], -1).t().contiguous()
 
 
-def _launch_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], flip: bool) -> Tensor:
-    """Depthwise correlation of ``x`` with ``weight`` (spatially flipped when ``flip``), plus ``bias``."""
+def _launch_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], flip: bool,
+                    tile: Optional[TileConfig] = None) -> Tensor:
+    """Depthwise correlation of ``x`` with ``weight`` (spatially flipped when ``flip``), plus ``bias``; ``tile``
+    overrides the tile heuristic."""
     kernels = _require_launchable(x)
     batch, channels, height, width = x.shape
     k = weight.shape[-1]
     y = _empty_output(x)
     if y.numel() == 0:
         return y
-    block_c, block_h, block_w = _tile_config(channels, height, width, _is_channels_last(x))
-    grid = (triton.cdiv(height, block_h) * triton.cdiv(width, block_w), triton.cdiv(channels, block_c), batch)
+    tile = _resolve_tile(x, tile)
+    grid = (triton.cdiv(height, tile.block_h) * triton.cdiv(width, tile.block_w), triton.cdiv(channels, tile.block_c),
+            batch)
     w_taps = _taps_by_channel(weight)
     kernels.forward[grid](
         x, w_taps, w_taps if bias is None else bias.contiguous(), y, channels, height, width, *x.stride(), *y.stride(),
-        K=k, FLIP=flip, HAS_BIAS=bias is not None, ACC_DTYPE=_accumulator_dtypes(x.dtype)[1],
-        BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w, num_warps=4)
+        K=k, FLIP=flip, HAS_BIAS=bias is not None, ACC_DTYPE=_accumulator_dtypes(x.dtype)[1], **tile.launch_kwargs())
     return y
 
 
@@ -240,14 +268,14 @@ def _weight_grad_splits(batch: int, channel_blocks: int, n_tiles: int, device: t
 
 
 def _launch_weight_grad(grad_y: Tensor, x: Tensor, k: int, splits: Optional[int] = None,
-                        act: bool = False) -> tuple[Tensor, Tensor]:
+                        act: bool = False, tile: Optional[TileConfig] = None) -> tuple[Tensor, Tensor]:
     """(grad_weight (C, 1, k, k), grad_bias (C,)) in x's dtype of the depthwise conv of x (GELU(x) when ``act``);
-    ``splits`` overrides the heuristic (for tests)."""
+    ``splits`` (for tests) and ``tile`` (for autotuning) override the heuristics."""
     kernels = _require_launchable(x)
     batch, channels, height, width = x.shape
-    block_c, block_h, block_w = _tile_config(channels, height, width, _is_channels_last(x))
-    channel_blocks = triton.cdiv(channels, block_c)
-    n_tiles = triton.cdiv(height, block_h) * triton.cdiv(width, block_w)
+    tile = _resolve_tile(x, tile)
+    channel_blocks = triton.cdiv(channels, tile.block_c)
+    n_tiles = triton.cdiv(height, tile.block_h) * triton.cdiv(width, tile.block_w)
     if splits is None:
         splits = _weight_grad_splits(batch, channel_blocks, n_tiles, x.device)
     acc_torch, acc_triton = _accumulator_dtypes(x.dtype)
@@ -256,7 +284,7 @@ def _launch_weight_grad(grad_y: Tensor, x: Tensor, k: int, splits: Optional[int]
     if x.numel() > 0:
         kernels.weight_grad[(splits, channel_blocks, batch)](
             x, grad_y, dw_part, db_part, batch, channels, height, width, splits, *x.stride(), *grad_y.stride(),
-            K=k, ACT=act, ACC_DTYPE=acc_triton, BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w, num_warps=4)
+            K=k, ACT=act, ACC_DTYPE=acc_triton, **tile.launch_kwargs())
     grad_weight = dw_part.sum(0).t().contiguous().view(channels, 1, k, k).to(x.dtype)
     return grad_weight, db_part.sum(0).to(x.dtype)
 
