@@ -184,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .tasks.cli import add_task_parsers
     parser.task_train_parsers = add_task_parsers(sub)
+
+    from .analysis.cli import add_analyze_parser
+    add_analyze_parser(sub)
     return parser
 
 
