@@ -236,3 +236,22 @@ def test_bad_inputs(tmp_path, images, capsys):
     _fails(capsys, ['analyze', 'cam', images[0], *TINY, '--target-class', '7', *out], 'out of range')
     _fails(capsys, ['analyze', 'erf-compare', str(tmp_path), *out], 'erf.json')
     _fails(capsys, ['analyze', 'erf', images[0], '--img-size', '32', *out], '--model')
+
+
+def test_select_images_spreads_over_classes():
+    from conv2former.analysis.common import select_images
+    paths = select_images(None, None, 'val', 10)  # the bundled dataset: 10 classes
+    assert len(paths) == 10 and len({p.parent.name for p in paths}) == 10
+
+
+def test_block_selection_hierarchical_and_isotropic():
+    from conv2former.analysis.maps import modulation_blocks, select_blocks
+    model = timm.create_model('conv2former_n', dims=[8, 16, 16, 16], depths=[1, 2, 1, 1], num_classes=0)
+    blocks = modulation_blocks(model)
+    assert [b.name for b in select_blocks(blocks, None)] == [
+        'stages.0.blocks.0', 'stages.1.blocks.1', 'stages.2.blocks.0', 'stages.3.blocks.0']
+    assert [b.tag for b in select_blocks(blocks, ['1.0', '-1', '1'])] == ['1.0', '3.0', '1.1']
+    iso = timm.create_model('conv2former_is', depth=3, dim=16, num_classes=0)
+    assert [b.name for b in select_blocks(modulation_blocks(iso), None)] == ['blocks.2']
+    with pytest.raises(ValueError, match='STAGE.BLOCK'):
+        select_blocks(blocks, ['a.b'])
