@@ -255,3 +255,17 @@ def test_block_selection_hierarchical_and_isotropic():
     assert [b.name for b in select_blocks(modulation_blocks(iso), None)] == ['blocks.2']
     with pytest.raises(ValueError, match='STAGE.BLOCK'):
         select_blocks(blocks, ['a.b'])
+
+
+def test_cam_command_reads_a_timm_model_folder(tmp_path, images):
+    """A run/model folder of another timm model (e.g. ConvNeXt trained by `conv2former train`) loads too."""
+    pytest.importorskip('pytorch_grad_cam')
+    from conv2former.inference import write_model_folder
+    kwargs = dict(num_classes=2)
+    model = timm.create_model('convnext_atto', **kwargs)
+    write_model_folder(model, tmp_path / 'run' / 'best', model_args=kwargs, label_names=['cat', 'dog'])
+    rc = main(['analyze', 'cam', images[0], '--checkpoint', str(tmp_path / 'run'), '--img-size', '32',
+               '--target-class', 'dog', '--no-progress', '--output', str(tmp_path / 'cam')])
+    assert rc == 0
+    entry = json.loads((tmp_path / 'cam' / 'cam.json').read_text())['images'][0]
+    assert entry['target'] == dict(index=1, label='dog') and entry['predicted']['label'] in ('cat', 'dog')
