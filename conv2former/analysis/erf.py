@@ -106,7 +106,7 @@ def plot_erf(erf: np.ndarray, path: Path, title: str) -> Path:
     im = _show(ax, erf, title)
     fig.colorbar(im, ax=ax, label='log10(contribution / max)')
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
 
@@ -122,7 +122,7 @@ def plot_erf_grid(maps: Sequence[np.ndarray], titles: Sequence[str], path: Path)
     for ax, erf, title in zip(axes[0], maps, titles):
         im = _show(ax, erf, title)
     fig.colorbar(im, ax=list(axes[0]), label='log10(contribution / max)', shrink=0.85)
-    fig.savefig(path, dpi=110, bbox_inches='tight')
+    fig.savefig(path, dpi=90, bbox_inches='tight')
     plt.close(fig)
     return path
 

@@ -10,7 +10,7 @@ __all__ = ['overlay_grid']
 
 
 def overlay_grid(rows: Sequence[Sequence[tuple[np.ndarray, np.ndarray | None, str]]], path: Path,
-                 cell: float = 1.9, alpha: float = 0.5) -> Path:
+                 cell: float = 1.7, alpha: float = 0.5) -> Path:
     """Save a grid; each cell is ``(rgb image in [0, 1], heat map in [0, 1] of the same size or None, title)``."""
     import matplotlib
     matplotlib.use('Agg')
@@ -29,6 +29,6 @@ def overlay_grid(rows: Sequence[Sequence[tuple[np.ndarray, np.ndarray | None, st
             ax.set_title(title, fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
