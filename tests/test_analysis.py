@@ -269,3 +269,9 @@ def test_cam_command_reads_a_timm_model_folder(tmp_path, images):
     assert rc == 0
     entry = json.loads((tmp_path / 'cam' / 'cam.json').read_text())['images'][0]
     assert entry['target'] == dict(index=1, label='dog') and entry['predicted']['label'] in ('cat', 'dog')
+
+
+def test_cam_without_grad_cam_names_the_extra(monkeypatch, images, tmp_path, capsys):
+    import sys
+    monkeypatch.setitem(sys.modules, 'pytorch_grad_cam', None)  # makes `import pytorch_grad_cam` fail
+    _fails(capsys, ['analyze', 'cam', images[0], *TINY, '--output', str(tmp_path)], 'conv2former[analysis]')

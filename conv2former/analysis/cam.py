@@ -18,12 +18,13 @@ CAM_METHODS = ('gradcam', 'gradcam++', 'eigencam')
 
 
 def cam_class(method: str):
-    """The pytorch-grad-cam class for ``method``; ImportError naming the extra when the package is missing."""
+    """The pytorch-grad-cam class for ``method``; a ValueError naming the extra when the package is missing
+    (the CLI prints it as one line)."""
     try:
         import pytorch_grad_cam
     except ImportError as e:
-        raise ImportError('`conv2former analyze cam` needs the pytorch-grad-cam package: '
-                          'pip install "conv2former[analysis]" (or pip install grad-cam)') from e
+        raise ValueError('`conv2former analyze cam` needs the pytorch-grad-cam package, which is not installed: '
+                         f'pip install "conv2former[analysis]" (or pip install grad-cam) ({e})') from e
     classes = dict(gradcam=pytorch_grad_cam.GradCAM, **{'gradcam++': pytorch_grad_cam.GradCAMPlusPlus},
                    eigencam=pytorch_grad_cam.EigenCAM)
     if method not in classes:
