@@ -1,7 +1,7 @@
 """The ``conv2former`` command line: sub-parsers that build options and call the Python API or a task's commands.
 
 ``train | validate | predict | convert | export`` (classification), ``detect train|eval|predict`` and
-``segment train|eval|predict`` (dense tasks), ``info`` (model table)."""
+``segment train|eval|predict`` (dense tasks), ``analyze erf|erf-compare|maps|cam``, ``info`` (model table)."""
 import argparse
 import json
 import logging
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .tasks.classification.cli import add_parsers as add_classification
     from .tasks.detection.cli import add_parsers as add_detection
     from .tasks.segmentation.cli import add_parsers as add_segmentation
+    from .analysis.cli import add_analyze_parser as add_analyze
     parser = argparse.ArgumentParser(prog='conv2former', description=__doc__)
     parser.add_argument('--version', action='version', version=conv2former.__version__)
     sub = parser.add_subparsers(dest='command', required=True)
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_info)
     add_detection(sub)
     add_segmentation(sub)
+    add_analyze(sub)
     return parser
 
 

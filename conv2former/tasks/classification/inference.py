@@ -113,8 +113,8 @@ def load_model(
             arch = json.loads((folder / CONFIG_NAME).read_text()).get('architecture')
         except (OSError, ValueError, AttributeError) as e:
             raise ValueError(f'cannot read {folder / CONFIG_NAME}: {e}') from None
-        if arch:
-            _check_model_name(arch, folder / CONFIG_NAME)
+        if arch and not timm.is_model(arch):  # any timm model `conv2former train` can train (e.g. a ConvNeXt baseline)
+            raise ValueError(f'{folder / CONFIG_NAME} names architecture {arch!r}, which timm does not know')
         if model_name and arch and split_model_name_tag(model_name)[0] != arch:
             _logger.warning('%s holds a %s model; ignoring model name %s', folder, arch, model_name)
         model = load_classifier_folder(folder, use_ema, model_kwargs)
