@@ -261,7 +261,7 @@ def test_detection_from_archive_with_one_top_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match='nothing.tar.gz'):
         extract_archive(tmp_path / 'nothing.tar.gz')
     (tmp_path / 'notes.txt').write_text('x')
-    with pytest.raises(ValueError, match=r'notes\.txt is neither a folder nor a .tar'):
+    with pytest.raises(ValueError, match=r'notes\.txt is neither a directory nor a .tar'):
         resolve_dense_root(tmp_path / 'notes.txt')
 
 
