@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_info)
     add_detection(sub)
     add_segmentation(sub)
+    from .sweep.cli import add_parsers as add_sweep
+    add_sweep(sub)
     return parser
 
 
