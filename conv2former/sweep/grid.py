@@ -70,6 +70,14 @@ def split_values(text: str) -> list[str]:
     return [p.strip() for p in parts]
 
 
+def parse_value(text: str):
+    """A grid value as YAML, with numbers YAML 1.1 leaves as strings (``1e-3``) read as floats."""
+    value = yaml.safe_load(text) if text else None
+    if isinstance(value, str) and re.fullmatch(r'[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+', value):
+        return float(value)
+    return value
+
+
 def _check_values(key: str, values: list, where: str) -> list:
     if not values or any(v is None or v == '' for v in values):
         raise ValueError(f'{where}: grid key {key!r} has an empty value; expected {key}=V1,V2,... with at least '
@@ -98,7 +106,7 @@ def parse_grid_arg(text: str) -> tuple[str, list]:
         raise ValueError(f'{where}: expected KEY=V1,V2,... (e.g. kernel_size=5,7,11)')
     key, raw = text.split('=', 1)
     key = normalize_key(key, where)
-    values = [yaml.safe_load(v) if v else None for v in split_values(raw)]
+    values = [parse_value(v) for v in split_values(raw)]
     return key, _check_values(key, values, where)
 
 
