@@ -48,8 +48,9 @@ def tensor_path(root: Path, args):
     start = time.perf_counter()
     train, _ = cached_datasets(root, config)
     cache_seconds = time.perf_counter() - start
-    loader = DataLoader(SeededDataset(train, 0), batch_size=args.batch_size, shuffle=True, num_workers=0,
-                        drop_last=True, collate_fn=pass_batch)  # as the engine loads it (batches fetched whole)
+    # as the engine loads it: batches fetched whole (in the workers), augmented in the main process
+    loader = DataLoader(SeededDataset(train, 0), batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+                        drop_last=True, collate_fn=pass_batch, persistent_workers=args.workers > 0)
     return loader, BatchAugment(args.img_size, scale=(0.6, 1.0), hflip=0.5), cache_seconds
 
 
@@ -87,7 +88,7 @@ def main() -> None:
     p.add_argument('--data', default='/work/shared/datasets/imagenette2-128.tar.gz')
     p.add_argument('--img-size', type=int, default=128)
     p.add_argument('-b', '--batch-size', type=int, default=64)
-    p.add_argument('-j', '--workers', type=int, default=2, help='PIL path DataLoader workers')
+    p.add_argument('-j', '--workers', type=int, default=2, help='DataLoader workers of both paths')
     p.add_argument('--batches', type=int, default=20, help='timed batches per round')
     p.add_argument('--rounds', type=int, default=3)
     p.add_argument('--train-steps', type=int, default=3, help='timed training steps per path (0: skip)')

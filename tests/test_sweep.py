@@ -123,3 +123,17 @@ def test_a_killed_sweep_resumes_where_it_stopped(tmp_path, toy):
     rows = _rows(tmp_path / 'f' / 'sweep.csv')
     assert [r['fusion'] for r in rows] == ['mul', 'sum'] and all(r['epochs'] == '2' for r in rows)
     assert json.loads((second / 'sweep_run.json').read_text())['invocations'] == 1
+
+
+@pytest.mark.parametrize('preset', sorted((Path(__file__).resolve().parents[1] / 'experiments' / 'sweeps')
+                                          .glob('*.yaml')), ids=lambda p: p.stem)
+def test_paper_presets_are_valid_sweeps(preset, toy):
+    from conv2former.cli import build_parser
+    from conv2former.sweep.cli import _sweep_from_args
+    from conv2former.sweep.runner import plan_runs, validate_runs
+    args = build_parser().parse_args(['sweep', '--config', str(preset), '--data', str(toy)])
+    sweep, folder = _sweep_from_args(args)
+    runs = plan_runs(sweep, folder)
+    resolved = validate_runs(runs, sweep.task)  # every grid point's options and model, on the meta device
+    assert len(runs) == len(sweep.variants()) * 3 >= 6 and folder.parent == Path('runs')
+    assert all(o.epochs == 20 and o.img_size == 128 and o.data_cache for o in resolved.values())
