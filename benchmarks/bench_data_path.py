@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -21,12 +22,31 @@ import torch
 from torch.utils.data import DataLoader
 
 
-def _rate(batches, n: int, batch_size: int, step=lambda b: b) -> float:
-    """Images per second over ``n`` batches of the iterator ``batches`` (after one warm-up batch)."""
+def _cpu_seconds() -> float:
+    """CPU seconds (user + system) used so far by this process and its live children (the DataLoader workers), from
+    /proc (Linux): on a shared, loaded machine the work per image is steadier than the wall-clock rate."""
+    tick, total, todo = os.sysconf('SC_CLK_TCK'), 0.0, [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        try:
+            fields = Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            for task in Path(f'/proc/{pid}/task').iterdir():
+                todo += [int(c) for c in (task / 'children').read_text().split()]
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+def _rate(batches, n: int, batch_size: int, step=lambda b: b, cpu: list = None) -> float:
+    """Images per second over ``n`` batches of the iterator ``batches`` (after one warm-up batch); appends the CPU
+    milliseconds per image to ``cpu``."""
     step(next(batches))
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), _cpu_seconds()
     for _ in range(n):
         step(next(batches))
+    if cpu is not None:
+        cpu.append(1000 * (_cpu_seconds() - cpu_start) / (n * batch_size))
     return n * batch_size / (time.perf_counter() - start)
 
 
@@ -98,18 +118,25 @@ def main() -> None:
     root = resolve_data_dir(args.data)
     loader, augment, cache_seconds = tensor_path(root, args)
     pil, tensor = forever(pil_loader(find_split(root, 'train'), args)), forever(loader)
-    rates = dict(pil=[], tensor=[], kornia=[])
+    # tensor_fetch: the host's share when the augmentation runs on a GPU (batches fetched, not augmented)
+    rates, cpu_ms = dict(pil=[], tensor=[], kornia=[], tensor_fetch=[]), dict(pil=[], tensor=[], tensor_fetch=[])
     for r in range(args.rounds):
-        rates['pil'].append(_rate(pil, args.batches, args.batch_size))
-        rates['tensor'].append(_rate(tensor, args.batches, args.batch_size, lambda b: augment(b[0])))
+        rates['pil'].append(_rate(pil, args.batches, args.batch_size, cpu=cpu_ms['pil']))
+        rates['tensor'].append(_rate(tensor, args.batches, args.batch_size, lambda b: augment(b[0]),
+                                     cpu=cpu_ms['tensor']))
+        rates['tensor_fetch'].append(_rate(tensor, args.batches, args.batch_size, cpu=cpu_ms['tensor_fetch']))
         k = kornia_rate(tensor, args)
         if k is not None:
             rates['kornia'].append(k)
-        print(f'round {r + 1}: ' + ', '.join(f'{k} {v[-1]:.0f} img/s' for k, v in rates.items() if v), flush=True)
+        print(f'round {r + 1}: ' + ', '.join(f'{k} {v[-1]:.0f} img/s' for k, v in rates.items() if v) +
+              '; CPU ms/img ' + ', '.join(f'{k} {v[-1]:.2f}' for k, v in cpu_ms.items()), flush=True)
     result = dict(args={k: str(v) for k, v in vars(args).items()}, cache_build_seconds=cache_seconds,
                   rates=rates, median={k: statistics.median(v) for k, v in rates.items() if v},
                   torch_threads=torch.get_num_threads())
     result['ratio_tensor_over_pil'] = result['median']['tensor'] / result['median']['pil']
+    result['cpu_ms_per_image'] = {k: statistics.median(v) for k, v in cpu_ms.items()}
+    result['cpu_ratio_pil_over_tensor'] = result['cpu_ms_per_image']['pil'] / result['cpu_ms_per_image']['tensor']
+    result['loadavg_at_end'] = os.getloadavg()
     if args.train_steps:
         result['train_img_per_sec'] = dict(pil=train_rate(pil, args), tensor=train_rate(tensor, args, augment))
     print(json.dumps(result, indent=1))

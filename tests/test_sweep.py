@@ -86,6 +86,8 @@ def test_two_by_two_sweep_end_to_end_then_skip_and_report(tmp_path, toy, capsys)
         assert int(r['params']) > 0 and int(r['macs']) > 0 and float(r['wall_seconds']) > 0
         assert float(r['train_img_per_sec']) > 0 and r['epochs'] == '1'
         assert (sweep / r['run'] / 'results.json').is_file() and (sweep / r['run'] / 'report.md').is_file()
+        log = (sweep / r['run'] / 'log.txt').read_text()  # each run logs into its own log.txt only
+        assert log.count('run folder:') == 1 and f'run folder: {sweep / r["run"]}' in log
     assert int(rows[2]['params']) > int(rows[0]['params'])  # 5x5 depthwise kernels hold more weights than 3x3
     md = (sweep / 'sweep.md').read_text()
     assert md.count('| 2/2 |') == 2 and 'top1_vs_kernel_size.png' in md
@@ -137,3 +139,13 @@ def test_paper_presets_are_valid_sweeps(preset, toy):
     resolved = validate_runs(runs, sweep.task)  # every grid point's options and model, on the meta device
     assert len(runs) == len(sweep.variants()) * 3 >= 6 and folder.parent == Path('runs')
     assert all(o.epochs == 20 and o.img_size == 128 and o.data_cache for o in resolved.values())
+
+
+def test_parallel_runs_in_separate_processes(tmp_path, toy):
+    argv = ['sweep', '--grid', 'kernel_size=3,5', '--seeds', '0', '--epochs', '1', '--parallel', '2', '--data',
+            str(toy), '--output', str(tmp_path), '--experiment', 'p', *TINY]
+    assert main(argv) == 0
+    rows = _rows(tmp_path / 'p' / 'sweep.csv')
+    assert [r['kernel_size'] for r in rows] == ['3', '5'] and all(r['final_top1'] for r in rows)
+    for r in rows:
+        assert (tmp_path / 'p' / r['run'] / 'log.txt').read_text().count('run folder:') == 1

@@ -114,11 +114,18 @@ def _train_one(task: str, options: dict, run_dir: str, state: str) -> dict:
     """Train (or resume) one run; records the wall seconds of this invocation in ``sweep_run.json``."""
     from ..api import train
     start = time.perf_counter()
-    if state == 'resume':
-        safe = {k: options[k] for k in ('epochs', 'workers', 'progress', 'device') if k in options}
-        result = train(task, resume=run_dir, **safe)
-    else:
-        result = train(task, **options)
+    root = logging.getLogger('conv2former')
+    handlers = list(root.handlers)
+    try:
+        if state == 'resume':
+            safe = {k: options[k] for k in ('epochs', 'workers', 'progress', 'device') if k in options}
+            result = train(task, resume=run_dir, **safe)
+        else:
+            result = train(task, **options)
+    finally:  # the run's log.txt handler: without this, every later run of the sweep would log into it too
+        for handler in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(handler)
+            handler.close()
     record_file = Path(run_dir) / RUN_FILE
     record = json.loads(record_file.read_text()) if record_file.is_file() else dict(wall_seconds=0.0, invocations=0)
     record['wall_seconds'] += time.perf_counter() - start
