@@ -61,9 +61,11 @@ def test_malformed_grids_are_refused(grid, message):
     ('fusion=mul,prod', r"sweep variant fusion=prod: .*fusion must be one of"),
     ('lr=0.1,-1', r'sweep variant lr=-1: --lr: expected a number >= 0'),
     ('model=conv2former_n,convnext_nanoo', "unknown model 'convnext_nanoo'"),
+    ('kernel_size=3 --seed 1', 'sets --seed per run; use --seeds'),
 ])
 def test_bad_grids_fail_before_any_run_starts(tmp_path, toy, capsys, grid, message):
-    rc = main(['sweep', '--grid', grid, '--seeds', '0', '1', '--data', str(toy), '--output', str(tmp_path), *TINY])
+    grid, *extra = grid.split(' ')
+    rc = main(['sweep', '--grid', grid, *extra, '--seeds', '0', '1', '--data', str(toy), '--output', str(tmp_path), *TINY])
     err = capsys.readouterr().err
     assert rc == 2 and __import__('re').search(message, err), err
     assert not list(tmp_path.rglob('config.yaml')), 'a run started before the grid was checked'

@@ -15,6 +15,9 @@ def _sweep_from_args(args: argparse.Namespace):
     from ..tasks import get_task
     explicit = {k: v for k, v in vars(args).items()
                 if k not in ('func', 'command', 'grid', 'seeds', 'parallel', 'report', 'config')}
+    for key, hint in (('seed', 'use --seeds'), ('resume', 're-invoke the same sweep command to resume it')):
+        if key in explicit:
+            raise ValueError(f'conv2former sweep sets --{key} per run; {hint}')
     values = load_sweep_config(args.config) if getattr(args, 'config', None) else {}
     where = f'--config {args.config}' if values else 'sweep'
     grid = parse_grid(values.get('grid') or {}, where)
