@@ -1,7 +1,7 @@
 """The ``conv2former`` command line: sub-parsers that build options and call the Python API or a task's commands.
 
 ``train | validate | predict | convert | export`` (classification), ``detect train|eval|predict`` and
-``segment train|eval|predict`` (dense tasks), ``analyze erf|erf-compare|maps|cam``, ``info`` (model table)."""
+``segment train|eval|predict`` (dense tasks), ``analyze erf|erf-compare|maps|cam``, ``sweep``, ``info`` (model table)."""
 import argparse
 import json
 import logging
@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .tasks.detection.cli import add_parsers as add_detection
     from .tasks.segmentation.cli import add_parsers as add_segmentation
     from .analysis.cli import add_analyze_parser as add_analyze
+    from .sweep.cli import add_parsers as add_sweep
     parser = argparse.ArgumentParser(prog='conv2former', description=__doc__)
     parser.add_argument('--version', action='version', version=conv2former.__version__)
     sub = parser.add_subparsers(dest='command', required=True)
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_detection(sub)
     add_segmentation(sub)
     add_analyze(sub)
+    add_sweep(sub)
     return parser
 
 

@@ -54,6 +54,13 @@ class SeededDataset(Dataset):
         seed_all(derive_seed(self.seed, self.epoch, index))
         return self.dataset[index]
 
+    def __getitems__(self, indices: list):
+        """A whole batch at once from datasets that draw no random numbers (``batched = True``, e.g. the tensor
+        cache: its collate passes the batch through); else the samples one by one, each seeded."""
+        if getattr(self.dataset, 'batched', False):
+            return self.dataset.__getitems__(indices)
+        return [self[i] for i in indices]
+
 
 def write_metrics(run_dir: Path, history: list, lr_points: list) -> None:
     """``metrics.jsonl`` / ``metrics.csv`` (one row per epoch) and ``lr_schedule.jsonl``, each written atomically."""

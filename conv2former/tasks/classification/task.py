@@ -41,6 +41,9 @@ class ClassificationOptions(RunOptions):
     dataset_download: bool = option(False, '--dataset-download', kind='flag',
                                     help='let a torch/ source download missing files')
     strict: bool = option(False, '--strict', kind='flag', help='fail on unreadable images instead of skipping them')
+    data_cache: bool = option(False, '--data-cache', kind='flag',
+                              help='decode the images once into a uint8 tensor cache and augment whole batches on '
+                                   'the training device (crop + flip only; see tensor_data.py)')
 
     model: str = option('conv2former_n', '--model', help='registered model name', group='model')
     grad_checkpointing: bool = option(False, '--grad-checkpointing', kind='flag', group='model')
@@ -97,6 +100,9 @@ class ClassificationOptions(RunOptions):
         self.scale = tuple(self.scale)
         if not 0 < self.scale[0] <= self.scale[1] <= 1:
             raise ValueError(f'--scale must satisfy 0 < MIN <= MAX <= 1, got {self.scale}')
+        if self.data_cache:
+            from .tensor_data import check_cache_options
+            check_cache_options(self)
 
     def resolve_lr(self, world_size: int) -> float:
         """``lr`` if given, else the paper's linear rule: blr x global batch / 1024."""
@@ -118,16 +124,28 @@ class ClassificationTask:
     def __init__(self, options: ClassificationOptions):
         self.options = options
         self.model_id = self.run_name = options.model
-        self.mixup = self.criterion = self.data_config = self._datasets = None
+        self.mixup = self.criterion = self.data_config = self._datasets = self.batch_augment = None
 
     def datasets(self) -> tuple[Dataset, Dataset]:
         o = self.options
-        if is_timm_source(o.data):
+        if o.data_cache:
+            from .tensor_data import cached_datasets
+            train, val = cached_datasets(resolve_data_dir(o.data), self._data_config_on_meta(), strict=o.strict)
+        elif is_timm_source(o.data):
             train, val, _ = build_timm_datasets(o.data, o.data_dir, download=o.dataset_download)
         else:
             train, val, _ = build_datasets(resolve_data_dir(o.data), strict=o.strict)
         self._datasets = (train, val)  # build_model gives them the model's transforms
         return train, val
+
+    def _data_config_on_meta(self) -> dict:
+        """The data config ``build_model`` will resolve, from the model built on the meta device (no memory)."""
+        o = self.options
+        if not timm.is_model(o.model):
+            raise ValueError(f'unknown model {o.model!r}; registered Conv2Former models: {", ".join(MODEL_NAMES)}')
+        model = timm.create_model(o.model, device='meta', **o.model_kwargs)
+        return resolve_data_config(dict(img_size=o.img_size, interpolation=o.interpolation), model=model,
+                                   verbose=False)
 
     def log_data(self, train: Dataset, val: Dataset) -> None:
         for skipped_path, reason in train.skipped + val.skipped:
@@ -174,6 +192,12 @@ class ClassificationTask:
 
     def set_transforms(self, train: Dataset, val: Dataset) -> None:
         o = self.options
+        if o.data_cache:  # the cache holds preprocessed images; training batches are augmented in ``loss``
+            from .tensor_data import BatchAugment, pass_batch
+            self.collate = pass_batch
+            self.batch_augment = BatchAugment(self.data_config['input_size'][-1], scale=o.scale, hflip=o.hflip,
+                                              mean=self.data_config['mean'], std=self.data_config['std'])
+            return
         train.transform = create_transform(
             **self.data_config, is_training=True, scale=o.scale, hflip=o.hflip, color_jitter=o.color_jitter,
             auto_augment=o.aa, re_prob=o.reprob, re_mode='pixel', re_count=1)
@@ -193,6 +217,8 @@ class ClassificationTask:
         images, targets = batch
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
+        if self.batch_augment is not None:
+            images = self.batch_augment(images)
         if self.options.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         if self.mixup is not None:

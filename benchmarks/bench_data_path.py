@@ -1,0 +1,149 @@
+"""Loader throughput: the PIL pipeline (timm ``create_dataset`` + ``create_transform``, DataLoader workers) vs the
+tensor-resident path (``--data-cache``: uint8 cache + ``BatchAugment`` on the device), side by side in one process,
+on the ``small`` recipe's augmentation (random-resized-crop scale 0.6-1, flip, bilinear). The two paths are timed in
+alternation (PIL, tensor, PIL, tensor, ...) so a change of machine load hits both; the ratio of the medians is the
+result. Optionally times kornia's RandomResizedCrop + flip on the same batches, and a few training steps of a small
+Conv2Former fed by each path.
+
+    PYTHONPATH=. python benchmarks/bench_data_path.py --data /work/shared/datasets/imagenette2-128.tar.gz \\
+        --out experiments/results/data-path
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds (user + system) used so far by this process and its live children (the DataLoader workers), from
+    /proc (Linux): on a shared, loaded machine the work per image is steadier than the wall-clock rate."""
+    tick, total, todo = os.sysconf('SC_CLK_TCK'), 0.0, [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        try:
+            fields = Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            for task in Path(f'/proc/{pid}/task').iterdir():
+                todo += [int(c) for c in (task / 'children').read_text().split()]
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+def _rate(batches, n: int, batch_size: int, step=lambda b: b, cpu: list = None) -> float:
+    """Images per second over ``n`` batches of the iterator ``batches`` (after one warm-up batch); appends the CPU
+    milliseconds per image to ``cpu``."""
+    step(next(batches))
+    start, cpu_start = time.perf_counter(), _cpu_seconds()
+    for _ in range(n):
+        step(next(batches))
+    if cpu is not None:
+        cpu.append(1000 * (_cpu_seconds() - cpu_start) / (n * batch_size))
+    return n * batch_size / (time.perf_counter() - start)
+
+
+def pil_loader(train_dir: Path, args):
+    from timm.data import create_dataset, create_transform
+    dataset = create_dataset('', root=str(train_dir), is_training=True)
+    dataset.transform = create_transform(args.img_size, is_training=True, scale=(0.6, 1.0), hflip=0.5,
+                                         color_jitter=0.0, interpolation='bilinear')
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+                        drop_last=True, persistent_workers=args.workers > 0)
+    return loader
+
+
+def tensor_path(root: Path, args):
+    from conv2former.engine.runtime import SeededDataset
+    from conv2former.tasks.classification.tensor_data import BatchAugment, cached_datasets, pass_batch
+    config = dict(input_size=(3, args.img_size, args.img_size), interpolation='bilinear', crop_pct=0.875,
+                  crop_mode='center', mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    start = time.perf_counter()
+    train, _ = cached_datasets(root, config)
+    cache_seconds = time.perf_counter() - start
+    # as the engine loads it: batches fetched whole (in the workers), augmented in the main process
+    loader = DataLoader(SeededDataset(train, 0), batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+                        drop_last=True, collate_fn=pass_batch, persistent_workers=args.workers > 0)
+    return loader, BatchAugment(args.img_size, scale=(0.6, 1.0), hflip=0.5), cache_seconds
+
+
+def forever(loader):
+    return itertools.chain.from_iterable(itertools.repeat(loader))
+
+
+def train_rate(batches, args, augment=None) -> float:
+    import timm
+    model = timm.create_model('conv2former_n', num_classes=10, depths=(1, 1, 1, 1), dims=(16, 32, 64, 128))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def step(batch):
+        images, targets = batch
+        images = augment(images) if augment is not None else images
+        loss = torch.nn.functional.cross_entropy(model(images), targets)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return _rate(batches, args.train_steps, args.batch_size, step)
+
+
+def kornia_rate(batches, args):
+    try:
+        import kornia.augmentation as K
+    except ImportError:
+        return None
+    aug = torch.nn.Sequential(K.RandomResizedCrop((args.img_size,) * 2, scale=(0.6, 1.0), cropping_mode='resample'),
+                              K.RandomHorizontalFlip())
+    return _rate(batches, args.batches, args.batch_size, lambda b: aug(b[0].float() / 255))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--data', default='/work/shared/datasets/imagenette2-128.tar.gz')
+    p.add_argument('--img-size', type=int, default=128)
+    p.add_argument('-b', '--batch-size', type=int, default=64)
+    p.add_argument('-j', '--workers', type=int, default=2, help='DataLoader workers of both paths')
+    p.add_argument('--batches', type=int, default=20, help='timed batches per round')
+    p.add_argument('--rounds', type=int, default=3)
+    p.add_argument('--train-steps', type=int, default=3, help='timed training steps per path (0: skip)')
+    p.add_argument('--out', type=Path, help='write <out>.json and <out>.md')
+    args = p.parse_args()
+    from conv2former.data import find_split, resolve_data_dir
+    root = resolve_data_dir(args.data)
+    loader, augment, cache_seconds = tensor_path(root, args)
+    pil, tensor = forever(pil_loader(find_split(root, 'train'), args)), forever(loader)
+    # tensor_fetch: the host's share when the augmentation runs on a GPU (batches fetched, not augmented)
+    rates, cpu_ms = dict(pil=[], tensor=[], kornia=[], tensor_fetch=[]), dict(pil=[], tensor=[], tensor_fetch=[])
+    for r in range(args.rounds):
+        rates['pil'].append(_rate(pil, args.batches, args.batch_size, cpu=cpu_ms['pil']))
+        rates['tensor'].append(_rate(tensor, args.batches, args.batch_size, lambda b: augment(b[0]),
+                                     cpu=cpu_ms['tensor']))
+        rates['tensor_fetch'].append(_rate(tensor, args.batches, args.batch_size, cpu=cpu_ms['tensor_fetch']))
+        k = kornia_rate(tensor, args)
+        if k is not None:
+            rates['kornia'].append(k)
+        print(f'round {r + 1}: ' + ', '.join(f'{k} {v[-1]:.0f} img/s' for k, v in rates.items() if v) +
+              '; CPU ms/img ' + ', '.join(f'{k} {v[-1]:.2f}' for k, v in cpu_ms.items()), flush=True)
+    result = dict(args={k: str(v) for k, v in vars(args).items()}, cache_build_seconds=cache_seconds,
+                  rates=rates, median={k: statistics.median(v) for k, v in rates.items() if v},
+                  torch_threads=torch.get_num_threads())
+    result['ratio_tensor_over_pil'] = result['median']['tensor'] / result['median']['pil']
+    result['cpu_ms_per_image'] = {k: statistics.median(v) for k, v in cpu_ms.items()}
+    result['cpu_ratio_pil_over_tensor'] = result['cpu_ms_per_image']['pil'] / result['cpu_ms_per_image']['tensor']
+    result['loadavg_at_end'] = os.getloadavg()
+    if args.train_steps:
+        result['train_img_per_sec'] = dict(pil=train_rate(pil, args), tensor=train_rate(tensor, args, augment))
+    print(json.dumps(result, indent=1))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix('.json').write_text(json.dumps(result, indent=1) + '\n')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# One 15-minute GPU window: time one 20-epoch Conv2Former-N run on Imagenette-128 (target <= 60 s), then the paper's
+# Fig. 4b (mul vs sum) and Fig. 4a (kernel size) presets with 3 seeds. Every sweep skips finished runs and resumes
+# interrupted ones, so re-running this script in a later window continues where the last one stopped.
+#   bash experiments/sweeps/gpu-window.sh [DATA] [OUTPUT]
+# No extra wheels are needed (the tensor path is plain PyTorch).
+set -euo pipefail
+DATA=${1:-/work/shared/datasets/imagenette2-128.tar.gz}
+OUT=${2:-runs/gpu-window}
+GPU="--amp bf16 --channels-last -j 4 --no-progress"
+python -m conv2former sweep --config experiments/sweeps/fusion.yaml --grid fusion=mul --seeds 0 --data "$DATA" \
+    --output "$OUT" --experiment timing-one-run $GPU
+python -m conv2former sweep --config experiments/sweeps/fusion.yaml --data "$DATA" --output "$OUT" --parallel 2 $GPU
+python -m conv2former sweep --config experiments/sweeps/kernel-size.yaml --data "$DATA" --output "$OUT" --parallel 2 $GPU
+python - "$OUT" <<'PY'
+import csv, sys, pathlib
+for f in sorted(pathlib.Path(sys.argv[1]).glob('*/sweep.csv')):
+    rows = list(csv.DictReader(open(f)))
+    walls = [float(r['wall_seconds']) for r in rows if r['wall_seconds']]
+    print(f'{f.parent.name}: {len(walls)}/{len(rows)} runs, wall s per run: min {min(walls):.0f} max {max(walls):.0f}')
+PY

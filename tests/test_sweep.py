@@ -1,0 +1,153 @@
+"""conv2former sweep: grid parsing and bad grids refused before any run starts, a 2x2 sweep of 1-epoch tiny runs end
+to end with its aggregate files, re-invoking skips finished runs, a killed sweep resumes, --report."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conv2former.cli import main
+from conv2former.engine.state import list_checkpoints
+from conv2former.sweep import parse_grid_arg
+
+TINY = ['--model-kwargs', 'depths=[1,1,1,1]', '--model-kwargs', 'dims=[8,8,16,16]', '--img-size', '32', '-j', '0',
+        '--no-progress', '--recipe', 'small', '--warmup-epochs', '0', '-b', '8']
+
+
+@pytest.fixture(scope='module')
+def toy(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp('toy')
+    rng = np.random.default_rng(0)
+    for split, n in (('train', 16), ('val', 4)):
+        for cls, base in (('dark', 60), ('bright', 190)):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                pixels = np.clip(base + rng.normal(0, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(root / split / cls / f'{i}.png')
+    return root
+
+
+def test_grid_values_are_parsed_as_yaml():
+    assert parse_grid_arg('kernel_size=5,7,11') == ('kernel_size', [5, 7, 11])
+    assert parse_grid_arg('fusion=mul,sum') == ('fusion', ['mul', 'sum'])
+    assert parse_grid_arg('attn-act=true,false') == ('attn_act', [True, False])
+    assert parse_grid_arg('depths=[1,1,2,1],[2,2,6,2]') == ('depths', [[1, 1, 2, 1], [2, 2, 6, 2]])
+    assert parse_grid_arg('lr=1e-3,0.01') == ('lr', [1e-3, 0.01])
+
+
+@pytest.mark.parametrize('grid, message', [
+    ('kernel_size', 'expected KEY=V1,V2'),
+    ('kernel_size=', "'kernel_size' has an empty value"),
+    ('kernel_size=3,,5', "'kernel_size' has an empty value"),
+    ('kernel_size=3,3', 'repeats a value'),
+    ('seed=1,2', 'use --seeds'),
+    ('model_kwargs=x', 'own grid keys'),
+])
+def test_malformed_grids_are_refused(grid, message):
+    with pytest.raises(ValueError, match=message):
+        parse_grid_arg(grid)
+
+
+@pytest.mark.parametrize('grid, message', [
+    ('kernel_sise=3,5', "unknown key 'kernel_sise' for model conv2former_n"),
+    ('kernel_size=3,4', r'sweep variant kernel_size=4: model conv2former_n rejects .*kernel_size'),
+    ('fusion=mul,prod', r"sweep variant fusion=prod: .*fusion must be one of"),
+    ('lr=0.1,-1', r'sweep variant lr=-1: --lr: expected a number >= 0'),
+    ('model=conv2former_n,convnext_nanoo', "unknown model 'convnext_nanoo'"),
+    ('kernel_size=3 --seed 1', 'sets --seed per run; use --seeds'),
+])
+def test_bad_grids_fail_before_any_run_starts(tmp_path, toy, capsys, grid, message):
+    grid, *extra = grid.split(' ')
+    rc = main(['sweep', '--grid', grid, *extra, '--seeds', '0', '1', '--data', str(toy), '--output', str(tmp_path), *TINY])
+    err = capsys.readouterr().err
+    assert rc == 2 and __import__('re').search(message, err), err
+    assert not list(tmp_path.rglob('config.yaml')), 'a run started before the grid was checked'
+
+
+def _rows(path: Path) -> list:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_two_by_two_sweep_end_to_end_then_skip_and_report(tmp_path, toy, capsys):
+    argv = ['sweep', '--grid', 'kernel_size=3,5', '--seeds', '0', '1', '--epochs', '1', '--data', str(toy),
+            '--output', str(tmp_path), '--experiment', 'k', *TINY]
+    assert main(argv) == 0
+    sweep = tmp_path / 'k'
+    rows = _rows(sweep / 'sweep.csv')
+    assert [(r['kernel_size'], r['seed']) for r in rows] == [('3', '0'), ('3', '1'), ('5', '0'), ('5', '1')]
+    for r in rows:
+        assert 0 <= float(r['final_top1']) <= 100 and float(r['best_top1']) >= float(r['final_top1'])
+        assert int(r['params']) > 0 and int(r['macs']) > 0 and float(r['wall_seconds']) > 0
+        assert float(r['train_img_per_sec']) > 0 and r['epochs'] == '1'
+        assert (sweep / r['run'] / 'results.json').is_file() and (sweep / r['run'] / 'report.md').is_file()
+        log = (sweep / r['run'] / 'log.txt').read_text()  # each run logs into its own log.txt only
+        assert log.count('run folder:') == 1 and f'run folder: {sweep / r["run"]}' in log
+    assert int(rows[2]['params']) > int(rows[0]['params'])  # 5x5 depthwise kernels hold more weights than 3x3
+    md = (sweep / 'sweep.md').read_text()
+    assert md.count('| 2/2 |') == 2 and 'top1_vs_kernel_size.png' in md
+    assert (sweep / 'top1_vs_kernel_size.png').stat().st_size > 1000
+    stamps = {r['run']: (sweep / r['run'] / 'results.json').stat().st_mtime_ns for r in rows}
+    assert main(argv) == 0  # everything finished: nothing is trained again
+    assert stamps == {r['run']: (sweep / r['run'] / 'results.json').stat().st_mtime_ns for r in rows}
+    (sweep / 'sweep.md').unlink()
+    capsys.readouterr()
+    assert main(['sweep', '--report', str(sweep)]) == 0
+    assert 'kernel_size=3' in capsys.readouterr().out and (sweep / 'sweep.md').is_file()
+    rc = main([*argv[:-len(TINY)], *TINY[:-2], '-b', '4'])  # the same folder with other settings is refused
+    assert rc == 2 and 'batch_size=8' in capsys.readouterr().err
+
+
+def test_a_killed_sweep_resumes_where_it_stopped(tmp_path, toy):
+    argv = ['sweep', '--grid', 'fusion=mul,sum', '--seeds', '0', '--epochs', '2', '--checkpoint-steps', '1',
+            '--data', str(toy), '--output', str(tmp_path), '--experiment', 'f', *TINY]
+    env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')
+    proc = subprocess.Popen([sys.executable, '-m', 'conv2former', *argv], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    second = tmp_path / 'f' / 'fusion-sum_seed-0'
+    deadline = time.time() + 600
+    while not list_checkpoints(second):
+        assert proc.poll() is None and time.time() < deadline, 'the sweep ended before it could be killed'
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = tmp_path / 'f' / 'fusion-mul_seed-0'
+    assert (first / 'results.json').is_file() and not (second / 'results.json').exists()
+    stamp = (first / 'results.json').stat().st_mtime_ns
+    assert main(argv) == 0
+    assert (first / 'results.json').stat().st_mtime_ns == stamp  # the finished run was skipped
+    assert 'resumed from' in (second / 'log.txt').read_text()
+    rows = _rows(tmp_path / 'f' / 'sweep.csv')
+    assert [r['fusion'] for r in rows] == ['mul', 'sum'] and all(r['epochs'] == '2' for r in rows)
+    assert json.loads((second / 'sweep_run.json').read_text())['invocations'] == 1
+
+
+@pytest.mark.parametrize('preset', sorted((Path(__file__).resolve().parents[1] / 'experiments' / 'sweeps')
+                                          .glob('*.yaml')), ids=lambda p: p.stem)
+def test_paper_presets_are_valid_sweeps(preset, toy):
+    from conv2former.cli import build_parser
+    from conv2former.sweep.cli import _sweep_from_args
+    from conv2former.sweep.runner import plan_runs, validate_runs
+    args = build_parser().parse_args(['sweep', '--config', str(preset), '--data', str(toy)])
+    sweep, folder = _sweep_from_args(args)
+    runs = plan_runs(sweep, folder)
+    resolved = validate_runs(runs, sweep.task)  # every grid point's options and model, on the meta device
+    assert len(runs) == len(sweep.variants()) * 3 >= 6 and folder.parent == Path('runs')
+    assert all(o.epochs == 20 and o.img_size == 128 and o.data_cache for o in resolved.values())
+
+
+def test_parallel_runs_in_separate_processes(tmp_path, toy):
+    argv = ['sweep', '--grid', 'kernel_size=3,5', '--seeds', '0', '--epochs', '1', '--parallel', '2', '--data',
+            str(toy), '--output', str(tmp_path), '--experiment', 'p', *TINY]
+    assert main(argv) == 0
+    rows = _rows(tmp_path / 'p' / 'sweep.csv')
+    assert [r['kernel_size'] for r in rows] == ['3', '5'] and all(r['final_top1'] for r in rows)
+    for r in rows:
+        assert (tmp_path / 'p' / r['run'] / 'log.txt').read_text().count('run folder:') == 1

@@ -1,0 +1,133 @@
+"""The tensor-resident data path (--data-cache): the cache is built once, reused and rebuilt when the data changes,
+skips unreadable images as the PIL path does, augments batches with the right shapes and ranges, is seeded, and a
+run resumed mid-epoch ends bit-identical to one that was not interrupted."""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import conv2former
+from conv2former.engine.state import list_checkpoints
+from conv2former.tasks.classification.data import ImageFolderDataset
+from conv2former.tasks.classification.tensor_data import BatchAugment, TensorImageDataset, build_tensor_cache
+
+TINY = dict(model='conv2former_n', model_kwargs={'depths': [1, 1, 1, 1], 'dims': [8, 8, 16, 16]}, img_size=32,
+            workers=0, progress=False, recipe='small', warmup_epochs=0)
+
+
+def _tree(root: Path, per_class=(12, 4)) -> Path:
+    rng = np.random.default_rng(0)
+    for split, n in zip(('train', 'val'), per_class):
+        for label, (cls, base) in enumerate((('dark', 60), ('bright', 190))):
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                pixels = np.clip(base + rng.normal(0, 30, (20, 24, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(root / split / cls / f'{i}.png')
+    return root
+
+
+def _squash(img):
+    return img.resize((16, 16))
+
+
+def test_cache_is_built_once_reused_and_rebuilt_when_the_data_changes(tmp_path):
+    data = _tree(tmp_path / 'data')
+    cache = build_tensor_cache(data / 'train', 16, _squash, 'squash', cache_dir=tmp_path / 'cache')
+    stamp = (cache / 'meta.json').stat().st_mtime_ns
+    ds = TensorImageDataset(cache)
+    image, target = ds[0]
+    assert len(ds) == 24 and image.dtype == torch.uint8 and image.shape == (3, 16, 16) and target == 0
+    expected = np.asarray(Image.open(sorted((data / 'train' / 'bright').iterdir())[0]).convert('RGB').resize((16, 16)))
+    assert torch.equal(image, torch.from_numpy(expected.copy()).permute(2, 0, 1))
+    assert build_tensor_cache(data / 'train', 16, _squash, 'squash', cache_dir=tmp_path / 'cache') == cache
+    assert (cache / 'meta.json').stat().st_mtime_ns == stamp  # reused, not rebuilt
+    other_size = build_tensor_cache(data / 'train', 8, lambda im: im.resize((8, 8)), 'squash',
+                                    cache_dir=tmp_path / 'cache')
+    assert other_size != cache
+    Image.new('RGB', (20, 24), (0, 0, 0)).save(data / 'train' / 'bright' / '0.png')  # same name, new content
+    changed = build_tensor_cache(data / 'train', 16, _squash, 'squash', cache_dir=tmp_path / 'cache')
+    assert changed not in (cache, other_size)
+    assert TensorImageDataset(changed)[0][0].max() == 0
+
+
+def test_unreadable_images_are_skipped_and_counted_as_in_the_pil_path(tmp_path):
+    data = _tree(tmp_path / 'data')
+    (data / 'train' / 'dark' / 'empty.png').write_bytes(b'')
+    (data / 'train' / 'dark' / 'corrupt.png').write_bytes(b'not a png at all')
+    pil = ImageFolderDataset(data / 'train')
+    for i in range(len(pil)):
+        pil[i]
+    cache = build_tensor_cache(data / 'train', 16, _squash, 'squash', cache_dir=tmp_path / 'cache')
+    ds = TensorImageDataset(cache)
+    assert ds.num_skipped == pil.num_skipped == 2 and len(ds) == 24
+    assert sorted(Path(p).name for p, _ in ds.skipped) == ['corrupt.png', 'empty.png']
+    assert json.loads((cache / 'meta.json').read_text())['num_images'] == 24
+    with pytest.raises(ValueError, match=r'empty \(zero-byte\) image file: .*empty.png'):
+        build_tensor_cache(data / 'train', 16, _squash, 'strict', strict=True, cache_dir=tmp_path / 'cache2')
+    (data / 'train' / 'dark' / 'empty.png').unlink()
+    with pytest.raises(ValueError, match='unreadable image .*corrupt.png'):
+        build_tensor_cache(data / 'train', 16, _squash, 'strict', strict=True, cache_dir=tmp_path / 'cache2')
+    assert not list((tmp_path / 'cache2').glob('*/meta.json'))  # nothing half-built is left to be trusted
+
+
+def test_batch_augment_shapes_ranges_identity_and_flip():
+    images = torch.randint(0, 256, (6, 3, 20, 24), dtype=torch.uint8)
+    torch.manual_seed(0)
+    out = BatchAugment(16, scale=(0.3, 1.0))(images)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    assert out.shape == (6, 3, 16, 16) and out.dtype == torch.float32
+    pixels = out * std + mean
+    assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5 and pixels.std() > 0.1
+    square = images[:, :, :16, :16]
+    whole = BatchAugment(16, scale=(1, 1), ratio=(1, 1), hflip=0.0)(square)  # the full image, same size
+    assert torch.allclose(whole * std + mean, square.float() / 255, atol=1e-5)
+    flipped = BatchAugment(16, scale=(1, 1), ratio=(1, 1), hflip=1.0)(square)
+    assert torch.allclose(flipped, whole.flip(3), atol=1e-5)
+    with pytest.raises(ValueError, match='uint8'):
+        BatchAugment(16)(square.float())
+
+
+def test_batch_augment_is_seeded():
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    aug = BatchAugment(24, scale=(0.2, 1.0))
+    torch.manual_seed(3)
+    a = aug(images)
+    torch.manual_seed(3)
+    b = aug(images)
+    torch.manual_seed(4)
+    c = aug(images)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_training_on_the_cache_resumes_mid_epoch_bit_identical(tmp_path, monkeypatch):
+    monkeypatch.setenv('CONV2FORMER_CACHE', str(tmp_path / 'cache'))
+    data = _tree(tmp_path / 'data')
+    common = dict(TINY, data=str(data), data_cache=True, epochs=2, batch_size=4, checkpoint_steps=2,
+                  checkpoint_hist=100, output=tmp_path)
+    straight = conv2former.train(experiment='straight', **common)
+    assert 0 <= straight['val_top1'] <= 100 and straight['epoch'] == 1
+    assert len(list((tmp_path / 'cache' / 'tensor-cache').glob('*/meta.json'))) == 2  # train + val caches
+    shutil.copytree(tmp_path / 'straight', tmp_path / 'cut')
+    cut = tmp_path / 'cut'
+    mid = [c for c in list_checkpoints(cut) if c.name.startswith('epoch-0000-step-00000004')]
+    assert mid, [c.name for c in list_checkpoints(cut)]
+    for later in list_checkpoints(cut)[list_checkpoints(cut).index(mid[0]) + 1:]:
+        shutil.rmtree(later)
+    shutil.rmtree(cut / 'last')
+    conv2former.train(resume=mid[0])
+    a, b = (load_file(str(tmp_path / name / 'last' / 'model.safetensors')) for name in ('straight', 'cut'))
+    assert all(torch.equal(a[k], b[k]) for k in a), 'the resumed run diverged from the straight one'
+
+
+def test_cache_refuses_augmentations_it_does_not_do(tmp_path):
+    from conv2former.api import build_options
+    with pytest.raises(ValueError, match='--color-jitter 0.4 is not supported'):
+        build_options('classification', dict(data=str(tmp_path), data_cache=True))
+    with pytest.raises(ValueError, match='timm source'):
+        build_options('classification', dict(data='torch/cifar10', data_cache=True, recipe='small'))
+    assert build_options('classification', dict(data=str(tmp_path), data_cache=True, recipe='small')).data_cache
