@@ -29,7 +29,7 @@ from .distributed import DistEnv, cleanup_distributed, init_distributed
 from .options import as_dict
 from .report import write_report
 from .runtime import (AMP_DTYPES, SeededDataset, derive_seed, diverged, optimizer_step, out_of_memory, seed_all,
-                      start_run, tensorboard_writer, write_metrics)
+                      start_run, tensorboard_writer, warn_slow_amp, write_metrics)
 from .state import TrainState, checkpoint_name, find_resume_checkpoint, list_checkpoints, save_checkpoint
 from .task import Task
 
@@ -119,6 +119,7 @@ def setup(task: Task, env: DistEnv) -> Run:
     """Run folder, data, model, optimizer, schedule, scaler, EMA; restore the checkpoint when resuming."""
     o = task.options
     run_dir, resume_from, saved = start_run(o, env, task.model_id, task.run_name)
+    warn_slow_amp(o.amp, env.device)
     train_ds, val_ds = _load_data(task, env)
     model = _prepare_model(task, env, saved is not None, train_ds.class_names)
     steps_per_epoch = _steps_per_epoch(o, len(train_ds), env.world_size)
@@ -218,7 +219,7 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
             env.barrier()
     bar.close()
     epoch_time = time.perf_counter() - t0
-    return dict(epoch=epoch, step=st.step, lr=run.lr(), train_loss=env.all_reduce_mean(loss_sum / max(loss_count, 1)),
+    return dict(epoch=epoch + 1, step=st.step, lr=run.lr(), train_loss=env.all_reduce_mean(loss_sum / max(loss_count, 1)),
                 epoch_time=epoch_time, img_per_sec=images_now / max(epoch_time, 1e-9))
 
 
@@ -226,7 +227,7 @@ def checkpoint(run: Run) -> Path:
     """Write the training state as a checkpoint at its current position (rank 0 only)."""
     st = run.state
     ema = st.ema.module.state_dict() if st.ema is not None else None
-    return save_checkpoint(run.run_dir, checkpoint_name(st.epoch, st.step),
+    return save_checkpoint(run.run_dir, checkpoint_name(st.epoch_number, st.step),
                            lambda folder: run.task.write_model(run.model, folder, ema),
                            st.state_dict(run.task.model_id, run.env, run.options.batch_size),
                            keep=run.options.checkpoint_hist)
@@ -255,7 +256,7 @@ def end_epoch(run: Run, epoch: int, row: dict) -> None:
         value = row.get(task.best_metric)
         improved = value is not None and (st.best is None or value > st.best['value'])
         if improved:
-            st.best = dict(epoch=epoch, metric=task.best_metric, value=value)
+            st.best = dict(epoch=epoch + 1, metric=task.best_metric, value=value)
         checkpoint(run)
         if improved:
             task.write_model(run.model, run.run_dir / 'best',

@@ -29,6 +29,13 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
+def warn_slow_amp(amp: Optional[str], device: torch.device) -> None:
+    """Warn that float16 autocast on a CPU is emulated (several times slower than float32)."""
+    if amp == 'fp16' and torch.device(device).type == 'cpu':
+        logging.getLogger('conv2former').warning(
+            '--amp fp16 on CPU is emulated and several times slower than fp32; drop --amp (or use --amp bf16) on CPU')
+
+
 def derive_seed(*parts: int) -> int:
     """A 31-bit seed from integers (seed, rank, epoch, index, ...): independent streams per combination."""
     return int(np.random.SeedSequence([abs(int(p)) for p in parts]).generate_state(1)[0]) & 0x7FFFFFFF

@@ -26,6 +26,7 @@ from ..engine.distributed import DistEnv, init_distributed
 from ..engine.options import (RunOptions, add_arguments, non_negative_float, option, positive_int, probability,
                               redefault)
 from ..engine.runtime import AMP_DTYPES
+from ..models.keywords import check_model_kwargs
 from ..fileio import atomic_write_text, read_task_folder, write_task_folder
 
 __all__ = ['DenseOptions', 'DenseTask', 'layer_decay_param_groups', 'load_task_model']
@@ -134,6 +135,7 @@ class DenseTask:
     def build_model(self, class_names: Sequence[str], resuming: bool) -> nn.Module:
         self.config = self.model_config(class_names)
         pretrained = None if resuming else self.options.pretrained_backbone
+        check_model_kwargs(self.options.backbone, self.options.backbone_kwargs, '--backbone-kwargs')
         try:
             model = self.build(self.config, pretrained)
         except TypeError as e:  # a keyword the backbone does not take

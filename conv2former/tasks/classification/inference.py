@@ -19,10 +19,11 @@ from PIL import Image
 from timm.models import split_model_name_tag
 
 from ...data import load_rgb
-from ...fileio import (CONFIG_NAME, _drop_state_dict_ref, find_model_folder, infer_num_classes, load_classifier_folder,
+from ...fileio import (CONFIG_NAME, WEIGHTS_NAME, _drop_state_dict_ref, find_model_folder, infer_num_classes, load_classifier_folder,
                        unwrap_module, write_model_folder)
 from ...models import MODEL_CONFIGS, load_state_dict_file, unwrap_state_dict
 from ...models import MODEL_NAMES
+from ...models.keywords import check_model_kwargs
 
 __all__ = [
     'load_model',
@@ -70,6 +71,7 @@ def _load_weights_file(path: Path, model_name: str | None, use_ema: bool, model_
             f'{path} is a weights file: pass the model name it belongs to (one of {", ".join(_known_models())}); '
             f'model folders and run folders need none')
     _check_model_name(model_name)
+    check_model_kwargs(model_name, model_kwargs)
     raw = load_state_dict_file(path)
     try:
         state_dict = unwrap_state_dict(raw, use_ema=use_ema)
@@ -99,7 +101,9 @@ def load_model(
       ``model_ema.safetensors`` instead (error if absent); ``model_name`` is not needed (config.json names it);
     * weights file (``.safetensors`` / ``.pth`` / ``.pth.tar``, ours or upstream layout) → needs ``model_name``;
       the number of classes is read from the file's classifier; ``use_ema`` picks the ``state_dict_ema`` entry of a
-      training checkpoint, otherwise its ``state_dict`` / ``model`` entry.
+      training checkpoint, otherwise its ``state_dict`` / ``model`` entry. A weights file with a ``config.json``
+      beside it is built and preprocessed as that config says (no model name needed); without one a warning names
+      the default preprocessing used.
 
     ``model_kwargs`` go to ``timm.create_model`` (e.g. dims/depths/kernel_size of a custom configuration).
     Returns ``(model in eval mode on device, class names or None, data config)``.
@@ -118,10 +122,18 @@ def load_model(
         if model_name and arch and split_model_name_tag(model_name)[0] != arch:
             _logger.warning('%s holds a %s model; ignoring model name %s', folder, arch, model_name)
         model = load_classifier_folder(folder, use_ema, model_kwargs)
+    elif (path.parent / CONFIG_NAME).is_file():
+        _logger.info('%s: architecture and preprocessing from %s', path, path.parent / CONFIG_NAME)
+        model = load_classifier_folder(path.parent, use_ema and path.name == WEIGHTS_NAME, model_kwargs, weights=path)
     else:
         model = _load_weights_file(path, model_name, use_ema, model_kwargs)
     model = model.to(device).eval()
     data_config = timm.data.resolve_data_config(model=model)
+    if path.is_file() and not (path.parent / CONFIG_NAME).is_file():
+        _logger.warning('%s has no %s beside it: preprocessing uses the %s defaults (%d px, %s, crop %.3f); pass '
+                        '--img-size / --interpolation / --crop-pct if it was trained otherwise', path, CONFIG_NAME,
+                        model_name, data_config['input_size'][-1], data_config['interpolation'],
+                        data_config['crop_pct'])
     return model, _label_names(model), data_config
 
 
