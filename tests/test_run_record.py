@@ -1,0 +1,130 @@
+"""Issue 13: the run is the source of truth. Skipped images, the run's record in validate / predict, weights files
+with their config.json, model keywords, one-class data, epoch numbering, report order."""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conv2former.cli import main
+
+TINY = ['--model', 'conv2former_n', '--model-kwargs', 'depths=[1,1,1,1]', '--model-kwargs', 'dims=[16,32,64,128]',
+        '--img-size', '32', '--no-progress']
+TINY_KWARGS = ['--model-kwargs', 'depths=[1,1,1,1]', '--model-kwargs', 'dims=[16,32,64,128]']
+
+
+def _toy(root: Path, n_train: int = 12, n_val: int = 6, classes=(('dark', 60), ('bright', 190))) -> Path:
+    rng = np.random.default_rng(0)
+    for split, n in (('train', n_train), ('val', n_val)):
+        for cls, base in classes:
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = np.clip(base + rng.normal(0, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f'{i}.png')
+    return root
+
+
+def _break(path: Path) -> None:
+    """An unreadable file with an image name (a truncated PNG)."""
+    path.write_bytes(next(path.parent.glob('0.png')).read_bytes()[:60])
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory) -> Path:
+    """A finished 2-epoch run (mid-epoch checkpoints every step) on data with one unreadable train and val image,
+    loaded by DataLoader workers."""
+    tmp = tmp_path_factory.mktemp('run')
+    data = _toy(tmp / 'data')
+    _break(data / 'train' / 'dark' / 'broken.png')
+    _break(data / 'val' / 'bright' / 'broken.png')
+    assert main(['train', '--data', str(data), '--output', str(tmp), '--experiment', 'r', *TINY, '-j', '2',
+                 '--epochs', '2', '-b', '8', '--checkpoint-steps', '1', '--checkpoint-hist', '10']) == 0
+    return tmp / 'r'
+
+
+def test_skipped_images_leave_every_metric_and_are_counted_once_everywhere(run, tmp_path, capsys):
+    data = run.parent / 'data'
+    results = json.loads((run / 'results.json').read_text())
+    assert results['skipped'] == dict(train=1, val=1, total=2) and results['skipped_images'] == 2
+    assert results['num_samples'] == 12  # 12 readable val images; the unreadable one is in no denominator
+    assert 'skipped 2 unreadable images in all (1 train, 1 val)' in (run / 'log.txt').read_text()
+    assert '| skipped_images | 2 |' in (run / 'report.md').read_text()
+    capsys.readouterr()
+    assert main(['validate', '--checkpoint', str(run), '-j', '2', '--no-progress']) == 0
+    broken = capsys.readouterr().out
+    clean = tmp_path / 'clean'
+    shutil.copytree(data, clean)
+    (clean / 'val' / 'bright' / 'broken.png').unlink()
+    assert main(['validate', '--checkpoint', str(run), '--data', str(clean), '-j', '0', '--no-progress']) == 0
+    out = capsys.readouterr().out
+    assert '(12 images, 1 skipped)' in broken and '(12 images, 0 skipped)' in out
+    assert broken.split('(')[0] == out.split('(')[0]  # same top-1, top-5 and loss as without the unreadable file
+
+
+def test_validate_takes_data_split_and_preprocessing_from_the_run(run, capsys):
+    assert main(['validate', '--checkpoint', str(run), '-j', '0', '--no-progress']) == 0
+    saved = json.loads((run / 'validate_results.json').read_text())
+    assert saved['img_size'] == 32 and saved['split'] == str((run.parent / 'data' / 'val').resolve())
+    assert main(['validate', '--checkpoint', str(run), '--split', 'train', '-j', '0']) == 2
+    err = capsys.readouterr().err
+    assert 'the training split of' in err and '--allow-train-overlap' in err
+    assert main(['validate', '--checkpoint', str(run), '--split', 'train', '--allow-train-overlap', '-j', '0',
+                 '--no-progress']) == 0
+
+
+def test_a_weights_file_uses_the_config_beside_it_or_warns(run, tmp_path, capsys, caplog):
+    weights = run / 'best' / 'model.safetensors'
+    assert main(['validate', '--checkpoint', str(weights), '-j', '0', '--no-progress']) == 0
+    beside = json.loads((run / 'best' / 'validate_results.json').read_text())  # next to the file, as --help says
+    assert beside['img_size'] == 32
+    alone = tmp_path / 'w.safetensors'
+    shutil.copy(weights, alone)
+    data = str(run.parent / 'data')
+    assert main(['validate', '--checkpoint', str(alone), '--model', 'conv2former_n', *TINY_KWARGS, '--data', data,
+                 '--img-size', '32', '-j', '0', '--no-progress']) == 0
+    assert 'has no config.json beside it' in caplog.text
+    assert json.loads((tmp_path / 'validate_results.json').read_text())['top1'] == beside['top1']
+    capsys.readouterr()
+    image = str(run.parent / 'data' / 'val' / 'dark' / '1.png')
+    assert main(['predict', image, '--checkpoint', str(run), '--img-size', '48', '--no-progress', '--json']) == 0
+    assert json.loads(capsys.readouterr().out)[0]['top'][0]['label'] in ('dark', 'bright')
+
+
+def test_unknown_model_keyword_is_one_line_with_the_closest_match(tmp_path, capsys):
+    data = _toy(tmp_path / 'data', 4, 2)
+    rc = main(['train', '--data', str(data), '--output', str(tmp_path), *TINY, '--model-kwargs', 'kernal_size=7'])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert "'kernal_size'" in err and "did you mean 'kernel_size'" in err and 'valid: ' in err
+
+
+def test_a_one_class_dataset_is_refused_naming_the_folder(tmp_path, capsys):
+    data = _toy(tmp_path / 'data', 4, 2, classes=(('only', 100),))
+    assert main(['train', '--data', str(data), '--output', str(tmp_path), *TINY, '-b', '2']) == 2
+    err = capsys.readouterr().err
+    assert str(data / 'train') in err and 'at least 2 class' in err
+
+
+def test_one_epoch_numbering_in_logs_metrics_and_checkpoint_names(run):
+    rows = [json.loads(line) for line in (run / 'metrics.jsonl').read_text().splitlines()]
+    assert [r['epoch'] for r in rows] == [1, 2]
+    assert 'epoch 1: {"epoch": 1,' in (run / 'log.txt').read_text()
+    names = sorted(p.name for p in (run / 'checkpoints').iterdir())
+    # 25 train files at -b 8: 3 steps per epoch, a checkpoint after each (two mid-epoch, one at the end)
+    assert names[0].startswith('epoch-0001-') and names[-1].startswith('epoch-0002-')
+    assert all(n.split('-')[1] in ('0001', '0002') for n in names)
+
+
+def test_report_puts_results_first_and_configuration_last(run):
+    report = (run / 'report.md').read_text()
+    assert report.index('## Final metrics') < report.index('## Per-epoch metrics') < report.index('## Configuration')
+
+
+def test_fp16_on_cpu_warns_that_it_is_slow(tmp_path, caplog):
+    data = _toy(tmp_path / 'data', 4, 2)
+    assert main(['train', '--data', str(data), '--output', str(tmp_path), *TINY, '-j', '0', '-b', '4',
+                 '--epochs', '1', '--amp', 'fp16']) == 0
+    assert 'fp16 on CPU is emulated and several times slower' in caplog.text
