@@ -1,11 +1,16 @@
 """Issue 13: the run is the source of truth. Skipped images, the run's record in validate / predict, weights files
 with their config.json, model keywords, one-class data, epoch numbering, report order."""
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conv2former.cli import main
@@ -128,3 +133,64 @@ def test_fp16_on_cpu_warns_that_it_is_slow(tmp_path, caplog):
     assert main(['train', '--data', str(data), '--output', str(tmp_path), *TINY, '-j', '0', '-b', '4',
                  '--epochs', '1', '--amp', 'fp16']) == 0
     assert 'fp16 on CPU is emulated and several times slower' in caplog.text
+
+
+def test_a_failed_start_or_resume_leaves_no_folder_and_keeps_the_runs_files(run, tmp_path, capsys):
+    data = run.parent / 'data'
+    rc = main(['train', '--data', str(data), '--output', str(tmp_path), '--experiment', 'bad', *TINY, '-b', '64'])
+    assert rc == 2 and 'no full step' in capsys.readouterr().err and not (tmp_path / 'bad').exists()
+    moved = tmp_path / 'moved'
+    shutil.copytree(run, moved)
+    config = moved / 'config.yaml'
+    config.write_text(config.read_text().replace(f'data: {data}', f'data: {tmp_path / "gone"}'))
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in moved.iterdir() if p.is_file()}
+    assert main(['train', '--resume', str(moved), '--epochs', '3']) == 2  # its data is gone
+    assert 'does not exist' in capsys.readouterr().err
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in moved.iterdir() if p.is_file()} == before
+
+
+def _metrics(run_dir: Path) -> list:
+    keep = ('epoch', 'step', 'lr', 'train_loss', 'val_loss', 'val_top1')
+    return [{k: row[k] for k in keep} for row in map(json.loads, (run_dir / 'metrics.jsonl').read_text().splitlines())]
+
+
+def test_ctrl_c_checkpoints_the_step_logs_how_to_resume_and_the_resumed_run_is_identical(tmp_path, capsys,
+                                                                                          monkeypatch):
+    from safetensors.torch import load_file
+    from conv2former.engine.state import list_checkpoints
+    from conv2former.tasks.classification.task import ClassificationTask
+    data = _toy(tmp_path / 'data', 8, 2)
+
+    def args(name):
+        return ['train', '--data', str(data), '--output', str(tmp_path), '--experiment', name, *TINY, '-j', '0',
+                '-b', '4', '--epochs', '2']
+    assert main(args('full')) == 0
+    calls, original = [], ClassificationTask.loss
+
+    def loss_then_ctrl_c(self, model, batch, device):  # Ctrl-C arrives during the 3rd step
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, model, batch, device)
+    monkeypatch.setattr(ClassificationTask, 'loss', loss_then_ctrl_c)
+    capsys.readouterr()
+    assert main(args('cut')) == 130
+    monkeypatch.undo()
+    cut = tmp_path / 'cut'
+    err = capsys.readouterr().err
+    assert 'Traceback' not in err and f'resume with: conv2former train --resume {cut}' in err
+    assert 'interrupted at epoch 1 step 3; resume with' in (cut / 'log.txt').read_text()
+    assert [p.name for p in list_checkpoints(cut)] == ['epoch-0001-step-00000003']
+    assert main(['train', '--resume', str(cut)]) == 0
+    full, resumed = (load_file(str(tmp_path / n / 'last' / 'model.safetensors')) for n in ('full', 'cut'))
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    assert _metrics(cut) == _metrics(tmp_path / 'full')  # epoch 1's train loss covers the whole epoch
+
+
+def test_a_second_ctrl_c_aborts_at_once():
+    code = ('import os, signal, time\nfrom conv2former.engine.runtime import StopRequest\nwith StopRequest() as s:\n'
+            '    os.kill(os.getpid(), signal.SIGINT)\n    time.sleep(0.2)\n    assert s.signal == signal.SIGINT\n'
+            '    os.kill(os.getpid(), signal.SIGINT)\n    time.sleep(60)\n')
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 130 and 'SIGINT again: aborting now' in result.stderr
+    assert 'Traceback' not in result.stderr
