@@ -151,7 +151,8 @@ def test_a_failed_start_or_resume_leaves_no_folder_and_keeps_the_runs_files(run,
 
 def _metrics(run_dir: Path) -> list:
     keep = ('epoch', 'step', 'lr', 'train_loss', 'val_loss', 'val_top1')
-    return [{k: row[k] for k in keep} for row in map(json.loads, (run_dir / 'metrics.jsonl').read_text().splitlines())]
+    rows = map(json.loads, (run_dir / 'metrics.jsonl').read_text().splitlines())
+    return [{k: row[k] for k in keep} for row in rows]
 
 
 def test_ctrl_c_checkpoints_the_step_logs_how_to_resume_and_the_resumed_run_is_identical(tmp_path, capsys,
@@ -194,3 +195,21 @@ def test_a_second_ctrl_c_aborts_at_once():
     result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 130 and 'SIGINT again: aborting now' in result.stderr
     assert 'Traceback' not in result.stderr
+
+
+def test_export_records_class_names_and_preprocessing_and_takes_other_sizes(run, tmp_path, capsys):
+    import onnx
+    import onnxruntime as ort
+    out = tmp_path / 'exported'
+    assert main(['export', '--checkpoint', str(run), '--output', str(out), '--format', 'onnx']) == 0
+    config = json.loads((out / 'config.json').read_text())
+    assert config['class_names'] == ['bright', 'dark'] and config['input_size'] == [3, 32, 32]
+    assert config['interpolation'] and len(config['mean']) == len(config['std']) == 3
+    assert config['onnx_input'] == ['batch', 3, 'height', 'width']
+    props = {p.key: json.loads(p.value) for p in onnx.load(str(out / 'model.onnx')).metadata_props}
+    assert props['class_names'] == config['class_names'] and props['mean'] == config['mean']
+    session = ort.InferenceSession(str(out / 'model.onnx'), providers=['CPUExecutionProvider'])
+    logits = session.run(None, {'input': np.random.rand(1, 3, 96, 128).astype(np.float32)})[0]
+    assert logits.shape == (1, 2)
+    assert main(['export', '--checkpoint', str(run), '--output', str(run / 'best')]) == 2
+    assert 'is a model folder' in capsys.readouterr().err

@@ -28,8 +28,9 @@ from tqdm import tqdm
 from .distributed import DistEnv, cleanup_distributed, init_distributed
 from .options import as_dict
 from .report import write_report
-from .runtime import (AMP_DTYPES, Interrupted, RunLog, SeededDataset, StopRequest, derive_seed, diverged, open_run, optimizer_step,
-                      out_of_memory, seed_all, start_run, tensorboard_writer, warn_slow_amp, write_metrics)
+from .runtime import (AMP_DTYPES, Interrupted, RunLog, SeededDataset, StopRequest, derive_seed, diverged, open_run,
+                      optimizer_step, out_of_memory, seed_all, start_run, tensorboard_writer, warn_slow_amp,
+                      write_metrics)
 from .state import TrainState, checkpoint_name, find_resume_checkpoint, list_checkpoints, save_checkpoint
 from .task import Task
 
@@ -256,7 +257,8 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
             raise interrupted(run)
     bar.close()
     epoch_time = time.perf_counter() - t0
-    return dict(epoch=epoch + 1, step=st.step, lr=run.lr(), train_loss=env.all_reduce_mean(loss_sum / max(loss_count, 1)),
+    return dict(epoch=epoch + 1, step=st.step, lr=run.lr(),
+                train_loss=env.all_reduce_mean(loss_sum / max(loss_count, 1)),
                 epoch_time=epoch_time, img_per_sec=images_now / max(epoch_time, 1e-9))
 
 

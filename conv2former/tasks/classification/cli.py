@@ -122,16 +122,34 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_record(model, class_names, data_config: dict, size: int) -> dict:
+    """What a user of an exported model needs: class names and the preprocessing (metadata and config.json)."""
+    return dict(architecture=getattr(model, 'pretrained_cfg', {}).get('architecture'), class_names=class_names,
+                num_classes=getattr(model, 'num_classes', None), input_size=[data_config['input_size'][0], size, size],
+                interpolation=data_config['interpolation'], crop_pct=data_config['crop_pct'],
+                crop_mode=data_config.get('crop_mode', 'center'), mean=list(data_config['mean']),
+                std=list(data_config['std']))
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .inference import export_onnx, export_torch, load_model
-    model, _, data_config = load_model(args.checkpoint, args.model, use_ema=args.use_ema)
+    from ...fileio import CONFIG_NAME, WEIGHTS_NAME, atomic_write_text
+    from .inference import export_onnx, export_torch, onnx_input_shape
+    if (args.output / WEIGHTS_NAME).is_file():
+        raise ValueError(f'--output {args.output} is a model folder: the export\'s {CONFIG_NAME} would replace its '
+                         f'own; choose another folder')
+    model, class_names, data_config = _load(args, 'cpu')
     size = args.img_size or data_config['input_size'][-1]
+    record = _export_record(model, class_names, data_config, size)
     args.output.mkdir(parents=True, exist_ok=True)
     in_chans = data_config['input_size'][0]
     if args.format in ('onnx', 'all'):
-        print(f'ONNX: {export_onnx(model, args.output / "model.onnx", size, in_chans=in_chans)}')
+        onnx_path = export_onnx(model, args.output / 'model.onnx', size, in_chans=in_chans, metadata=record)
+        record['onnx_input'] = onnx_input_shape(onnx_path)
+        print(f'ONNX: {onnx_path} (input {record["onnx_input"]})')
     if args.format in ('torch', 'all'):
         print(f'torch.export: {export_torch(model, args.output / "model.pt2", size, in_chans=in_chans)}')
+    atomic_write_text(args.output / CONFIG_NAME, json.dumps(record, indent=2) + '\n')
+    print(f'class names and preprocessing: {args.output / CONFIG_NAME}')
     return 0
 
 
@@ -198,10 +216,12 @@ def add_parsers(sub) -> None:
     p.add_argument('--labels', help='text file with one class name per line')
     p.set_defaults(func=_cmd_convert)
 
-    p = sub.add_parser('export', help='ONNX (checked with onnxruntime when installed) and torch.export')
+    p = sub.add_parser('export', help='ONNX (checked with onnxruntime when installed) and torch.export, dynamic '
+                                      'batch/height/width where the model allows, with a config.json of class names '
+                                      'and preprocessing')
     _add_checkpoint_args(p)
     p.add_argument('--output', required=True, type=Path)
     p.add_argument('--format', choices=['onnx', 'torch', 'all'], default='all')
-    p.add_argument('--img-size', type=int)
+    _add_preprocessing_args(p)
     p.set_defaults(func=_cmd_export)
 
