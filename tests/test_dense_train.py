@@ -85,8 +85,10 @@ def test_detect_train_eval_predict(tmp_path, coco_data, capsys):
     assert len(list((run / 'overlays').glob('*.png'))) == 1
     assert '![' in (run / 'report.md').read_text() and 'box AP' in (run / 'report.md').read_text()
 
-    assert main(['detect', 'eval', '--checkpoint', str(run), '--data', str(coco_data), '--split', 'train',
-                 '-j', '0', '--overlays', '2']) == 0
+    assert main(['detect', 'eval', '--checkpoint', str(run), '--split', 'train', '-j', '0', '--overlays', '2']) == 2
+    assert '--allow-train-overlap' in capsys.readouterr().err  # the run trained on that split
+    assert main(['detect', 'eval', '--checkpoint', str(run), '--split', 'train', '--allow-train-overlap',
+                 '-j', '0', '--overlays', '2']) == 0  # --data: the run's
     result = json.loads((run / 'eval_results.json').read_text())
     assert result['bbox_AP'] == history[-1]['bbox_AP'] and result['images'] == 6  # same weights, same data
     assert len(list((run / 'eval_overlays').glob('*.png'))) == 2

@@ -213,3 +213,22 @@ def test_export_records_class_names_and_preprocessing_and_takes_other_sizes(run,
     assert logits.shape == (1, 2)
     assert main(['export', '--checkpoint', str(run), '--output', str(run / 'best')]) == 2
     assert 'is a model folder' in capsys.readouterr().err
+
+
+def test_detect_eval_takes_the_runs_holdout_and_refuses_training_images(tmp_path, capsys):
+    pytest.importorskip('pycocotools')
+    from test_dense_datasets import write_pennfudan
+    data = write_pennfudan(tmp_path / 'PennFudanPed', n=6, size=(64, 48))
+    run = tmp_path / 'det'
+    assert main(['detect', 'train', '--data', str(data), '--holdout', '2', '--model', 'fasterrcnn', '--min-size',
+                 '48', '--max-size', '64', '--epochs', '1', '-b', '2', '--overlays', '0', '--output', str(tmp_path),
+                 '--experiment', 'det', '--backbone', 'conv2former_n', '--backbone-kwargs', 'depths=[1,1,1,1]',
+                 '--backbone-kwargs', 'dims=[16,16,32,32]', '-j', '0', '--no-progress', '--warmup-iters', '1']) == 0
+    assert main(['detect', 'eval', '--checkpoint', str(run), '-j', '0', '--overlays', '0']) == 0
+    result = json.loads((run / 'eval_results.json').read_text())
+    assert result['holdout'] == 2 and result['images'] == 2 and result['data'] == str(data)
+    capsys.readouterr()
+    assert main(['detect', 'eval', '--checkpoint', str(run), '--holdout', '4', '-j', '0', '--overlays', '0']) == 2
+    assert '2 of the images to evaluate were used to train this run' in capsys.readouterr().err
+    assert main(['detect', 'eval', '--checkpoint', str(run), '--holdout', '4', '--allow-train-overlap', '-j', '0',
+                 '--overlays', '0']) == 0
