@@ -232,3 +232,21 @@ def test_detect_eval_takes_the_runs_holdout_and_refuses_training_images(tmp_path
     assert '2 of the images to evaluate were used to train this run' in capsys.readouterr().err
     assert main(['detect', 'eval', '--checkpoint', str(run), '--holdout', '4', '--allow-train-overlap', '-j', '0',
                  '--overlays', '0']) == 0
+
+
+def test_pretrained_backbone_logs_what_it_loaded(tmp_path, caplog):
+    pytest.importorskip('pycocotools')
+    import timm
+    from safetensors.torch import save_file
+    from conv2former.tasks.detection.options import DetectionOptions
+    from conv2former.tasks.detection.task import DetectionTask
+    kwargs = dict(depths=[1, 1, 1, 1], dims=[16, 16, 32, 32])
+    weights = tmp_path / 'c.safetensors'
+    save_file(timm.create_model('conv2former_n', num_classes=10, **kwargs).state_dict(), str(weights))
+    options = DetectionOptions(data=str(tmp_path), backbone='conv2former_n', backbone_kwargs=kwargs,
+                               pretrained_backbone=weights, model='fasterrcnn')
+    options.finalize()
+    with caplog.at_level('INFO', logger='conv2former'):
+        DetectionTask(options).build_model(['__background__', 'person'], resuming=False)
+    assert f'from {weights} (a classifier with 10 classes' in caplog.text
+    assert 'backbone conv2former_n: loaded ' in caplog.text and 'left out' in caplog.text

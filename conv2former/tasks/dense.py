@@ -23,12 +23,13 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 
 from ..data import canonical_split, load_rgb
 from ..engine.distributed import DistEnv, init_distributed
-from ..engine.record import from_record, refuse_train_overlap, run_record
 from ..engine.options import (RunOptions, add_arguments, non_negative_float, option, positive_int, probability,
                               redefault)
+from ..engine.record import from_record, refuse_train_overlap, run_record
 from ..engine.runtime import AMP_DTYPES
+from ..fileio import WEIGHTS_NAME, atomic_write_text, infer_num_classes, read_task_folder, write_task_folder
+from ..models import load_state_dict_file, unwrap_state_dict
 from ..models.keywords import check_model_kwargs
-from ..fileio import atomic_write_text, read_task_folder, write_task_folder
 
 __all__ = ['DenseOptions', 'DenseTask', 'layer_decay_param_groups', 'load_task_model']
 
@@ -64,6 +65,21 @@ def layer_decay_param_groups(model: nn.Module, backbone: nn.Module, backbone_nam
         group = groups.setdefault((layer, decay), dict(params=[], weight_decay=decay, lr_scale=scale))
         group['params'].append(param)
     return list(groups.values())
+
+
+def _loaded_summary(backbone: nn.Module, path) -> str:
+    """What ``--pretrained-backbone`` loaded: the file, the classifier it came from, the tensors used and left out
+    (timm loads strictly: every backbone tensor comes from the file, or the build fails)."""
+    path = Path(path)
+    file = path / WEIGHTS_NAME if path.is_dir() else path
+    weights = unwrap_state_dict(load_state_dict_file(file))
+    config = file.parent / 'config.json'
+    arch = json.loads(config.read_text()).get('architecture') if config.is_file() else None
+    used = backbone.state_dict()
+    values = sum(t.numel() for t in used.values())
+    return (f'loaded {len(used)} tensors ({values / 1e6:.2f}M values) from {file} (a {arch or "classifier"} with '
+            f'{infer_num_classes(weights)} classes, {len(weights)} tensors); its classifier and stage outputs the '
+            f'backbone does not use are left out')
 
 
 # ------------------------------------------------------------------------------------------------------------ options
@@ -143,7 +159,7 @@ class DenseTask:
         except TypeError as e:  # a keyword the backbone does not take
             raise ValueError(f'{self.options.backbone}: {e} (check --backbone-kwargs)') from None
         if pretrained:
-            _logger.info('backbone %s initialised from %s', self.options.backbone, pretrained)
+            _logger.info('backbone %s: %s', self.options.backbone, _loaded_summary(self.backbone(model), pretrained))
         return model
 
     def optimizer(self, model: nn.Module, world_size: int) -> torch.optim.Optimizer:
