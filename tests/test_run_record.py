@@ -188,8 +188,12 @@ def test_ctrl_c_checkpoints_the_step_logs_how_to_resume_and_the_resumed_run_is_i
     assert _metrics(cut) == _metrics(tmp_path / 'full')  # epoch 1's train loss covers the whole epoch
 
 
-def test_a_second_ctrl_c_aborts_at_once():
+def test_a_second_ctrl_c_aborts_at_once_and_data_workers_leave_the_decision_to_the_main_process():
     code = ('import os, signal, time\nfrom conv2former.engine.runtime import StopRequest\nwith StopRequest() as s:\n'
+            '    pid = os.fork()\n'  # a forked data-loader worker gets the terminal's Ctrl-C too
+            '    if pid == 0:\n        os.kill(os.getpid(), signal.SIGINT)\n        time.sleep(0.2)\n'
+            '        os._exit(3 if s.signal is None else 4)\n'
+            '    assert os.waitpid(pid, 0)[1] >> 8 == 3 and s.signal is None\n'
             '    os.kill(os.getpid(), signal.SIGINT)\n    time.sleep(0.2)\n    assert s.signal == signal.SIGINT\n'
             '    os.kill(os.getpid(), signal.SIGINT)\n    time.sleep(60)\n')
     result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)

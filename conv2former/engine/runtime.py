@@ -54,8 +54,10 @@ class StopRequest:
     def __init__(self):
         self.signal: Optional[int] = None
         self._previous: dict = {}
+        self._pid = os.getpid()
 
     def __enter__(self) -> 'StopRequest':
+        self._pid = os.getpid()  # forked data-loader workers inherit the handler: they leave the decision to us
         if threading.current_thread() is threading.main_thread():
             self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
@@ -65,6 +67,8 @@ class StopRequest:
             signal.signal(s, handler)
 
     def _handle(self, signum: int, frame) -> None:
+        if os.getpid() != self._pid:
+            return
         if self.signal is not None:
             print(f'\n{signal.Signals(signum).name} again: aborting now (the last checkpoint is kept)', file=sys.stderr,
                   flush=True)
