@@ -163,7 +163,7 @@ def test_layer_decay_groups_scale_the_backbone_by_depth():
     ('no-data', 'needs --data'),
     ('bad-label', 'label values'),
     ('bad-recipe', 'invalid choice'),
-    ('bad-kwarg', "unexpected keyword argument 'depthz'"),
+    ('bad-kwarg', "takes no keyword 'depthz'; did you mean 'depths'?"),
 ])
 def test_bad_input_gives_a_clear_error(tmp_path, coco_data, capsys, case, message):
     common = ['--output', str(tmp_path / 'runs'), '--epochs', '1', '-b', '2', '--overlays', '0', *TINY]
