@@ -113,8 +113,8 @@ def test_segment_train_resumes_mid_epoch_exactly(tmp_path):
     results = json.loads((run / 'results.json').read_text())
     assert 0 <= results['mIoU'] <= 100 and set(results['per_class_iou']) >= {'Sky', 'Building'}
     checkpoints = sorted((run / 'checkpoints').iterdir())
-    assert [c.name for c in checkpoints] == ['epoch-0000-step-00000001', 'epoch-0001-step-00000002',
-                                             'epoch-0001-step-00000003', 'epoch-0002-step-00000004']
+    assert [c.name for c in checkpoints] == ['epoch-0001-step-00000001', 'epoch-0001-step-00000002',
+                                             'epoch-0002-step-00000003', 'epoch-0002-step-00000004']
     for later in checkpoints[1:]:  # as if killed after the first optimizer step
         shutil.rmtree(later)
     (run / 'last' / 'model.safetensors').unlink()
