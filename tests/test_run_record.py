@@ -2,6 +2,7 @@
 with their config.json, model keywords, one-class data, epoch numbering, report order."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -228,6 +229,7 @@ def test_detect_eval_takes_the_runs_holdout_and_refuses_training_images(tmp_path
                  '48', '--max-size', '64', '--epochs', '1', '-b', '2', '--overlays', '0', '--output', str(tmp_path),
                  '--experiment', 'det', '--backbone', 'conv2former_n', '--backbone-kwargs', 'depths=[1,1,1,1]',
                  '--backbone-kwargs', 'dims=[16,16,32,32]', '-j', '0', '--no-progress', '--warmup-iters', '1']) == 0
+    assert re.search(r'\(best bbox_AP: (–|\d+\.\d\d)\)', capsys.readouterr().out)  # formatted, not 0.2795410075542997
     assert main(['detect', 'eval', '--checkpoint', str(run), '-j', '0', '--overlays', '0']) == 0
     result = json.loads((run / 'eval_results.json').read_text())
     assert result['holdout'] == 2 and result['images'] == 2 and result['data'] == str(data)
