@@ -204,8 +204,10 @@ def _drop_state_dict_ref(model: nn.Module) -> None:
             cfg.pop('state_dict', None)
 
 
-def load_classifier_folder(folder: Path, use_ema: bool = False, model_kwargs: dict | None = None) -> nn.Module:
-    """A classifier from a model folder via timm's ``local-dir:`` loader (``use_ema``: its EMA weights instead)."""
+def load_classifier_folder(folder: Path, use_ema: bool = False, model_kwargs: dict | None = None,
+                           weights: Path | None = None) -> nn.Module:
+    """A classifier from a model folder via timm's ``local-dir:`` loader (``use_ema``: its EMA weights instead;
+    ``weights``: another weights file, built and preprocessed as the folder's ``config.json`` says)."""
     cfg_file = folder / CONFIG_NAME
     try:
         cfg = json.loads(cfg_file.read_text())
@@ -218,11 +220,12 @@ def load_classifier_folder(folder: Path, use_ema: bool = False, model_kwargs: di
         raise FileNotFoundError(f'{folder} has {CONFIG_NAME} but no weights: expected {WEIGHTS_NAME}')
     model_kwargs = dict(model_kwargs or {})
     if use_ema:
-        ema_file = folder / EMA_WEIGHTS_NAME
-        if not ema_file.is_file():
+        weights = folder / EMA_WEIGHTS_NAME
+        if not weights.is_file():
             raise FileNotFoundError(f'use_ema: {folder} has no {EMA_WEIGHTS_NAME} (the run kept no EMA weights)')
-        # read the EMA file like any other weights file (safely, keys and shapes checked by checkpoint_filter_fn)
-        overlay = dict(model_kwargs.pop('pretrained_cfg_overlay', None) or {}, source='', file=str(ema_file))
+    if weights is not None and Path(weights) != folder / WEIGHTS_NAME:
+        # read it like any other weights file (safely, keys and shapes checked by checkpoint_filter_fn)
+        overlay = dict(model_kwargs.pop('pretrained_cfg_overlay', None) or {}, source='', file=str(weights))
         model = timm.create_model(f'local-dir:{folder}', pretrained=True, pretrained_cfg_overlay=overlay,
                                   **model_kwargs)
         _drop_state_dict_ref(model)

@@ -23,7 +23,7 @@ def test_train_on_the_bundled_data_as_documented(tmp_path):
     assert saved['img_size'] == 32 and saved['model_kwargs']['depths'] == [1, 1, 1, 1] and saved['batch_size'] == 128
     # resuming restores every setting; more epochs are allowed, anything else that differs is refused
     resumed = conv2former.train(resume=run, epochs=2)
-    assert resumed['epoch'] == 1 and len((run / 'metrics.jsonl').read_text().splitlines()) == 2
+    assert resumed['epoch'] == 2 and len((run / 'metrics.jsonl').read_text().splitlines()) == 2
     assert yaml.safe_load((run / 'config.yaml').read_text())['epochs'] == 2
     with pytest.raises(ValueError, match=r"--img-size 64 differs from the run being resumed \(32\)"):
         conv2former.train(resume=run, epochs=3, img_size=64)

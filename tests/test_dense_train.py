@@ -85,8 +85,10 @@ def test_detect_train_eval_predict(tmp_path, coco_data, capsys):
     assert len(list((run / 'overlays').glob('*.png'))) == 1
     assert '![' in (run / 'report.md').read_text() and 'box AP' in (run / 'report.md').read_text()
 
-    assert main(['detect', 'eval', '--checkpoint', str(run), '--data', str(coco_data), '--split', 'train',
-                 '-j', '0', '--overlays', '2']) == 0
+    assert main(['detect', 'eval', '--checkpoint', str(run), '--split', 'train', '-j', '0', '--overlays', '2']) == 2
+    assert '--allow-train-overlap' in capsys.readouterr().err  # the run trained on that split
+    assert main(['detect', 'eval', '--checkpoint', str(run), '--split', 'train', '--allow-train-overlap',
+                 '-j', '0', '--overlays', '2']) == 0  # --data: the run's
     result = json.loads((run / 'eval_results.json').read_text())
     assert result['bbox_AP'] == history[-1]['bbox_AP'] and result['images'] == 6  # same weights, same data
     assert len(list((run / 'eval_overlays').glob('*.png'))) == 2
@@ -111,8 +113,8 @@ def test_segment_train_resumes_mid_epoch_exactly(tmp_path):
     results = json.loads((run / 'results.json').read_text())
     assert 0 <= results['mIoU'] <= 100 and set(results['per_class_iou']) >= {'Sky', 'Building'}
     checkpoints = sorted((run / 'checkpoints').iterdir())
-    assert [c.name for c in checkpoints] == ['epoch-0000-step-00000001', 'epoch-0001-step-00000002',
-                                             'epoch-0001-step-00000003', 'epoch-0002-step-00000004']
+    assert [c.name for c in checkpoints] == ['epoch-0001-step-00000001', 'epoch-0001-step-00000002',
+                                             'epoch-0002-step-00000003', 'epoch-0002-step-00000004']
     for later in checkpoints[1:]:  # as if killed after the first optimizer step
         shutil.rmtree(later)
     (run / 'last' / 'model.safetensors').unlink()
@@ -161,7 +163,7 @@ def test_layer_decay_groups_scale_the_backbone_by_depth():
     ('no-data', 'needs --data'),
     ('bad-label', 'label values'),
     ('bad-recipe', 'invalid choice'),
-    ('bad-kwarg', "unexpected keyword argument 'depthz'"),
+    ('bad-kwarg', "takes no keyword 'depthz'; did you mean 'depths'?"),
 ])
 def test_bad_input_gives_a_clear_error(tmp_path, coco_data, capsys, case, message):
     common = ['--output', str(tmp_path / 'runs'), '--epochs', '1', '-b', '2', '--overlays', '0', *TINY]

@@ -168,8 +168,8 @@ def test_write_results_json_and_csv(tmp_path):
     json_path, csv_path = tmp_path / 'out' / 'results.json', tmp_path / 'out' / 'results.csv'
     write_results(_result(), ['cat', 'dog', 'eel'], json_path=json_path, csv_path=csv_path, extra=extra)
     data = json.loads(json_path.read_text())
-    assert list(data) == ['top1', 'top1_err', 'top5', 'top5_err', 'loss', 'num_samples', 'model', 'img_size',
-                          'crop_pct', 'checkpoint', 'tags', 'per_class_accuracy']
+    assert list(data) == ['top1', 'top1_err', 'top5', 'top5_err', 'loss', 'num_samples', 'skipped_images', 'model',
+                          'img_size', 'crop_pct', 'checkpoint', 'tags', 'per_class_accuracy']
     assert data['top1'] == 62.5 and data['top1_err'] == 37.5 and data['top5'] == 87.5 and data['top5_err'] == 12.5
     assert data['loss'] == 0.75 and data['num_samples'] == 8 and data['model'] == 'conv2former_n'
     assert data['tags'] == ['a'] and data['checkpoint'] is None
@@ -177,8 +177,8 @@ def test_write_results_json_and_csv(tmp_path):
     with open(csv_path, newline='') as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 1
-    assert list(rows[0]) == ['model', 'top1', 'top1_err', 'top5', 'top5_err', 'loss', 'num_samples', 'img_size',
-                             'crop_pct', 'checkpoint']  # non-scalar extras stay in the JSON only
+    assert list(rows[0]) == ['model', 'top1', 'top1_err', 'top5', 'top5_err', 'loss', 'num_samples',
+                             'skipped_images', 'img_size', 'crop_pct', 'checkpoint']  # non-scalar extras stay in the JSON only
     assert rows[0]['model'] == 'conv2former_n' and float(rows[0]['top1']) == 62.5 and rows[0]['img_size'] == '224'
     assert sorted(p.name for p in json_path.parent.iterdir()) == ['results.csv', 'results.json']
 
@@ -189,7 +189,8 @@ def test_write_results_without_names_or_files(tmp_path):
         _result().as_dict(['only_one'])
     write_results(_result(), ['a', 'b', 'c'])  # neither path: nothing to do
     write_results(_result(), ['a', 'b', 'c'], csv_path=tmp_path / 'r.csv')
-    assert (tmp_path / 'r.csv').read_text().splitlines()[0] == 'top1,top1_err,top5,top5_err,loss,num_samples'
+    header = 'top1,top1_err,top5,top5_err,loss,num_samples,skipped_images'
+    assert (tmp_path / 'r.csv').read_text().splitlines()[0] == header
 
 
 def _write_run(run_dir, epochs: int, ema: bool = True, truncate: bool = True):

@@ -85,7 +85,7 @@ def test_resume_after_sigkill_gives_identical_weights(tmp_path, toy_data):
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     run = tmp_path / 'killed'
     deadline = time.time() + 120
-    while not any(p.name.startswith('epoch-0000-step-00000004') for p in list_checkpoints(run)):
+    while not any(p.name.startswith('epoch-0001-step-00000004') for p in list_checkpoints(run)):
         assert proc.poll() is None and time.time() < deadline, 'the run ended before it could be killed'
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)

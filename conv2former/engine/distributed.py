@@ -33,6 +33,14 @@ class DistEnv:
         dist.all_reduce(t)
         return t.item() / self.world_size
 
+    def all_true_each(self, *flags: bool) -> list[bool]:
+        """Per flag: True on every rank only if it is true on every rank (one collective for all)."""
+        if not self.distributed:
+            return list(flags)
+        t = torch.tensor([1 if f else 0 for f in flags], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return [bool(v) for v in t.tolist()]
+
     def all_true(self, flag: bool) -> bool:
         """True on every rank only if ``flag`` is true on every rank."""
         if not self.distributed:

@@ -28,8 +28,9 @@ from tqdm import tqdm
 from .distributed import DistEnv, cleanup_distributed, init_distributed
 from .options import as_dict
 from .report import write_report
-from .runtime import (AMP_DTYPES, SeededDataset, derive_seed, diverged, optimizer_step, out_of_memory, seed_all,
-                      start_run, tensorboard_writer, write_metrics)
+from .runtime import (AMP_DTYPES, Interrupted, RunLog, SeededDataset, StopRequest, derive_seed, diverged, open_run,
+                      optimizer_step, out_of_memory, seed_all, start_run, tensorboard_writer, warn_slow_amp,
+                      write_metrics)
 from .state import TrainState, checkpoint_name, find_resume_checkpoint, list_checkpoints, save_checkpoint
 from .task import Task
 
@@ -54,6 +55,7 @@ class Run:
     amp_dtype: Optional[torch.dtype]
     last_eval: Optional[dict] = None
     tb: Any = None
+    stop: StopRequest = dataclasses.field(default_factory=StopRequest)
 
     @property
     def options(self):
@@ -74,14 +76,42 @@ class Run:
 def fit(task: Task) -> dict:
     """Train ``task`` to the end (or on from its ``resume`` checkpoint); returns the final metrics and ``run_dir``."""
     env = init_distributed(task.options.device)
+    run_log, run = RunLog(env), None
     try:
-        run = setup(task, env)
-        for epoch in range(run.state.epoch, run.num_epochs):
-            row = train_one_epoch(run, epoch)
-            end_epoch(run, epoch, row)
-        return finish(run)
+        with StopRequest() as stop:
+            run = setup(task, env, run_log)
+            run.stop = stop
+            for epoch in range(run.state.epoch, run.num_epochs):
+                row = train_one_epoch(run, epoch)
+                end_epoch(run, epoch, row)
+                if epoch + 1 < run.num_epochs and _stop_agreed(run):
+                    raise interrupted(run)
+            return finish(run)
+    except RuntimeError:
+        if run is None or run.stop.signal is None or not env.distributed:
+            raise
+        # a peer is gone (torchrun stops the others with SIGTERM): keep what the last completed step left
+        if env.is_main:
+            checkpoint(run)
+        raise interrupted(run) from None
     finally:
+        run_log.close()
         cleanup_distributed()
+
+
+def _stop_agreed(run: Run) -> bool:
+    """Whether any rank got SIGINT / SIGTERM (every rank gets the same answer)."""
+    return not run.env.all_true(run.stop.signal is None)
+
+
+def interrupted(run: Run) -> Interrupted:
+    """The exception that ends a run stopped by a signal, its message (logged) naming the resume command."""
+    st, name = run.state, getattr(run.task, 'name', '')
+    command = f'conv2former {name + " " if name else ""}train --resume {run.run_dir}'
+    message = f'interrupted at epoch {st.epoch_number} step {st.step}; resume with: {command}'
+    if run.env.is_main:
+        _logger.warning(message)
+    return Interrupted(message)
 
 
 def _load_data(task: Task, env: DistEnv) -> tuple[Dataset, Dataset]:
@@ -115,10 +145,12 @@ def _prepare_model(task: Task, env: DistEnv, resuming: bool, class_names) -> nn.
     return model.to(env.device)
 
 
-def setup(task: Task, env: DistEnv) -> Run:
-    """Run folder, data, model, optimizer, schedule, scaler, EMA; restore the checkpoint when resuming."""
+def setup(task: Task, env: DistEnv, run_log: RunLog) -> Run:
+    """Data, model, optimizer, schedule, scaler, EMA; restore the checkpoint when resuming; then the run folder
+    (a setup that fails leaves no folder and never touches an existing run's files)."""
     o = task.options
     run_dir, resume_from, saved = start_run(o, env, task.model_id, task.run_name)
+    warn_slow_amp(o.amp, env.device)
     train_ds, val_ds = _load_data(task, env)
     model = _prepare_model(task, env, saved is not None, train_ds.class_names)
     steps_per_epoch = _steps_per_epoch(o, len(train_ds), env.world_size)
@@ -147,6 +179,7 @@ def setup(task: Task, env: DistEnv) -> Run:
                      'batch %d, lr %.3g', task.model_id, o.data, len(train_ds.class_names), len(train_ds),
                      len(val_ds), steps_per_epoch, num_epochs, o.batch_size * o.grad_accum_steps * env.world_size,
                      max(g.get('initial_lr', g['lr']) for g in optimizer.param_groups))
+    open_run(run_dir, o, env, run_log)
     return Run(task, env, run_dir, train_ds, val_ds, state, train_model, model, seeded_train, sampler,
                steps_per_epoch, num_epochs, AMP_DTYPES.get(o.amp), tb=tensorboard_writer(run_dir, env))
 
@@ -165,12 +198,14 @@ def _forward_backward(run: Run, batch, boundary: bool) -> torch.Tensor:
     return loss.detach()
 
 
-def _optimizer_step(run: Run, step_losses: list, epoch: int, batch: int) -> float:
+def _optimizer_step(run: Run, step_losses: list, epoch: int, batch: int) -> tuple[float, bool]:
     """Check the step's losses are finite on every rank (one host sync per step), then step the optimizer,
-    schedule and EMA. Returns the summed loss of the step's micro-batches."""
+    schedule and EMA. Returns the summed loss of the step's micro-batches and whether any rank was asked to stop
+    (SIGINT / SIGTERM), agreed in the same collective."""
     st = run.state
     total = float(torch.stack(step_losses).double().sum())
-    if not run.env.all_true(math.isfinite(total)):
+    finite, go_on = run.env.all_true_each(math.isfinite(total), run.stop.signal is None)
+    if not finite:
         last = find_resume_checkpoint(run.run_dir) if list_checkpoints(run.run_dir) else None
         raise diverged(torch.tensor(total), epoch, batch, st.step, run.lr(), last)
     optimizer_step(st.optimizer, st.scaler, run.model, run.options.clip_grad)
@@ -181,7 +216,7 @@ def _optimizer_step(run: Run, step_losses: list, epoch: int, batch: int) -> floa
     lr_every = max(1, run.num_epochs * run.steps_per_epoch // 1000)
     if st.step % lr_every == 0 or st.step == 1:
         st.lr_points.append((st.step, run.lr()))
-    return total
+    return total, not go_on
 
 
 def train_one_epoch(run: Run, epoch: int) -> dict:
@@ -207,18 +242,23 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
         bar.update(1)
         if not boundary:
             continue
-        loss_sum += _optimizer_step(run, step_losses, epoch, i)
-        loss_count, step_losses = loss_count + len(step_losses), []
+        total, stop = _optimizer_step(run, step_losses, epoch, i)
+        loss_sum, loss_count, step_losses = loss_sum + total, loss_count + len(step_losses), []
+        st.epoch, st.next_batch, st.epoch_loss = epoch, i + 1, (loss_sum, loss_count, seen + images_now)
         rate = images_now / max(time.perf_counter() - t0, 1e-9)
         bar.set_postfix(loss=f'{loss_sum / loss_count:.4f}', lr=f'{run.lr():.2e}', img_s=f'{rate:.1f}')
-        if o.checkpoint_steps and st.step % o.checkpoint_steps == 0 and i + 1 < run.micro_per_epoch:
-            st.epoch, st.next_batch, st.epoch_loss = epoch, i + 1, (loss_sum, loss_count, seen + images_now)
+        periodic = o.checkpoint_steps and st.step % o.checkpoint_steps == 0 and i + 1 < run.micro_per_epoch
+        if periodic or stop:
             if env.is_main:
                 checkpoint(run)
             env.barrier()
+        if stop:
+            bar.close()
+            raise interrupted(run)
     bar.close()
     epoch_time = time.perf_counter() - t0
-    return dict(epoch=epoch, step=st.step, lr=run.lr(), train_loss=env.all_reduce_mean(loss_sum / max(loss_count, 1)),
+    return dict(epoch=epoch + 1, step=st.step, lr=run.lr(),
+                train_loss=env.all_reduce_mean(loss_sum / max(loss_count, 1)),
                 epoch_time=epoch_time, img_per_sec=images_now / max(epoch_time, 1e-9))
 
 
@@ -226,7 +266,7 @@ def checkpoint(run: Run) -> Path:
     """Write the training state as a checkpoint at its current position (rank 0 only)."""
     st = run.state
     ema = st.ema.module.state_dict() if st.ema is not None else None
-    return save_checkpoint(run.run_dir, checkpoint_name(st.epoch, st.step),
+    return save_checkpoint(run.run_dir, checkpoint_name(st.epoch_number, st.step),
                            lambda folder: run.task.write_model(run.model, folder, ema),
                            st.state_dict(run.task.model_id, run.env, run.options.batch_size),
                            keep=run.options.checkpoint_hist)
@@ -255,7 +295,7 @@ def end_epoch(run: Run, epoch: int, row: dict) -> None:
         value = row.get(task.best_metric)
         improved = value is not None and (st.best is None or value > st.best['value'])
         if improved:
-            st.best = dict(epoch=epoch, metric=task.best_metric, value=value)
+            st.best = dict(epoch=epoch + 1, metric=task.best_metric, value=value)
         checkpoint(run)
         if improved:
             task.write_model(run.model, run.run_dir / 'best',

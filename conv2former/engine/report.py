@@ -140,8 +140,9 @@ def _epoch_value(value, fmt: str) -> str:
 def write_report(run_dir, config: dict, final_metrics: dict, title: str = 'Conv2Former training run',
                  columns: list[tuple[str, str, str]] | None = None, metric_curves: dict[str, str] | None = None,
                  metric_label: str = 'accuracy (%)', images: dict[str, str] | None = None) -> Path:
-    """Write ``run_dir/report.md`` atomically: configuration (nested keys dotted, sorted), final metrics, per-epoch
-    table, the training curves (rendered here via ``plot_training_curves``) and ``confusion_matrix.png`` if present.
+    """Write ``run_dir/report.md`` atomically, results first: final metrics, per-epoch table, the training curves
+    (rendered here via ``plot_training_curves``), ``confusion_matrix.png`` if present, prediction images, and last
+    the configuration (nested keys dotted, sorted).
 
     Dense tasks pass their own ``columns`` ((header, metrics.jsonl key, format) triples; a column whose values are
     all null is left out; of the default classification columns only 'EMA top-1' is), ``metric_curves`` ({label: key}) and ``images`` ({caption: path relative to run_dir}, e.g.
@@ -152,10 +153,7 @@ def write_report(run_dir, config: dict, final_metrics: dict, title: str = 'Conv2
     metrics = _load(run_dir / 'metrics.jsonl', 'epoch')
 
     generated = f'{datetime.now().astimezone():%Y-%m-%d %H:%M %Z}'
-    lines = [f'# {title}', '', f'Run folder: `{run_dir.name}` · generated {generated}', '', '## Configuration', '']
-    config_rows = [[_cell(k), _cell(v)] for k, v in sorted(_flatten(config).items())]
-    lines += _table(['key', 'value'], config_rows) if config_rows else ['_No configuration recorded._']
-    lines += ['', '## Final metrics', '']
+    lines = [f'# {title}', '', f'Run folder: `{run_dir.name}` · generated {generated}', '', '## Final metrics', '']
     metric_rows = [[_cell(k), _cell(v)] for k, v in final_metrics.items()]
     lines += _table(['metric', 'value'], metric_rows) if metric_rows else ['_No final metrics recorded._']
     lines += ['', '## Per-epoch metrics', '']
@@ -177,4 +175,7 @@ def write_report(run_dir, config: dict, final_metrics: dict, title: str = 'Conv2
         lines += ['', '## Predictions (left: ground truth, right: prediction)']
         for caption, path in images.items():
             lines += ['', f'![{caption}]({path})']
+    lines += ['', '## Configuration', '']
+    config_rows = [[_cell(k), _cell(v)] for k, v in sorted(_flatten(config).items())]
+    lines += _table(['key', 'value'], config_rows) if config_rows else ['_No configuration recorded._']
     return atomic_write_text(run_dir / 'report.md', '\n'.join(lines) + '\n')

@@ -6,8 +6,13 @@ import csv
 import io
 import json
 import logging
+import os
 import random
+import signal
+import sys
+import threading
 from datetime import datetime
+from logging.handlers import MemoryHandler
 from pathlib import Path
 from typing import Optional
 
@@ -27,6 +32,51 @@ AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
+
+
+def warn_slow_amp(amp: Optional[str], device: torch.device) -> None:
+    """Warn that float16 autocast on a CPU is emulated (several times slower than float32)."""
+    if amp == 'fp16' and torch.device(device).type == 'cpu':
+        logging.getLogger('conv2former').warning(
+            '--amp fp16 on CPU is emulated and several times slower than fp32; drop --amp (or use --amp bf16) on CPU')
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run stopped on SIGINT / SIGTERM after writing a checkpoint; the message says how to resume it."""
+
+
+class StopRequest:
+    """While active (a ``with`` block in the main thread): the first SIGINT / SIGTERM only sets ``signal`` (the loop
+    checkpoints and stops at the end of the current step); a second one aborts the process at once (exit 130)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signal: Optional[int] = None
+        self._previous: dict = {}
+        self._pid = os.getpid()
+
+    def __enter__(self) -> 'StopRequest':
+        self._pid = os.getpid()  # forked data-loader workers inherit the handler: they leave the decision to us
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        if os.getpid() != self._pid:
+            return
+        if self.signal is not None:
+            print(f'\n{signal.Signals(signum).name} again: aborting now (the last checkpoint is kept)', file=sys.stderr,
+                  flush=True)
+            os._exit(130)
+        self.signal = signum
+        logging.getLogger('conv2former.train').warning(
+            '%s received: stopping after the current step with a checkpoint (again to abort at once)',
+            signal.Signals(signum).name)
 
 
 def derive_seed(*parts: int) -> int:
@@ -86,15 +136,34 @@ def tensorboard_writer(run_dir: Path, env: DistEnv):
     return SummaryWriter(str(run_dir / 'tensorboard'))
 
 
-def setup_logging(run_dir: Path, env: DistEnv) -> None:
-    """Log the ``conv2former`` loggers to ``run_dir/log.txt`` on rank 0."""
-    if not env.is_main:
-        return
-    handler = logging.FileHandler(run_dir / 'log.txt')
-    handler.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(name)s: %(message)s'))
-    root = logging.getLogger('conv2former')
-    root.setLevel(logging.INFO)
-    root.addHandler(handler)
+class RunLog:
+    """The run's ``log.txt`` (rank 0): records are held in memory while the run is set up and written once its
+    folder is (``open``), so a start that fails leaves no file behind; ``close`` detaches it."""
+
+    def __init__(self, env: DistEnv):
+        self.root = logging.getLogger('conv2former')
+        self.root.setLevel(logging.INFO)
+        self.memory = MemoryHandler(capacity=1 << 20, flushLevel=logging.CRITICAL + 1) if env.is_main else None
+        self.file = None
+        if self.memory is not None:
+            self.root.addHandler(self.memory)
+
+    def open(self, run_dir: Path) -> None:
+        """Append to ``run_dir/log.txt`` from now on, starting with the records held so far."""
+        if self.memory is None:
+            return
+        self.file = logging.FileHandler(run_dir / 'log.txt')
+        self.file.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(name)s: %(message)s'))
+        self.memory.setTarget(self.file)
+        self.memory.flush()
+        self.root.removeHandler(self.memory)
+        self.root.addHandler(self.file)
+
+    def close(self) -> None:
+        for handler in (self.memory, self.file):
+            if handler is not None:
+                self.root.removeHandler(handler)
+                handler.close()
 
 
 def diverged(loss: torch.Tensor, epoch: int, batch: int, step: int, lr: float,
@@ -124,8 +193,8 @@ def find_run(resume) -> tuple[Path, Path, dict, Optional[dict]]:
 def start_run(options, env: DistEnv, model_id: str, default_name: str
               ) -> tuple[Path, Optional[Path], Optional[dict]]:
     """Resolve the run folder (``resume`` or ``output/experiment``, else ``default_name-<date>-<time>``), refuse to
-    overwrite a run or to resume another model's, write ``config.yaml``, start logging, seed. Returns (run folder,
-    checkpoint resumed from or None, its training state or None)."""
+    overwrite a run or to resume another model's, seed. Nothing is written yet (see ``open_run``). Returns (run
+    folder, checkpoint resumed from or None, its training state or None)."""
     if options.resume:
         run_dir, resume_from, state, _ = find_run(options.resume)
         if state['model'] != model_id:
@@ -136,13 +205,17 @@ def start_run(options, env: DistEnv, model_id: str, default_name: str
         if list_checkpoints(run_dir):
             raise ValueError(f'{run_dir} already holds a run: continue it with --resume {run_dir}, or choose another '
                              f'--experiment / --output')
+    seed_all(derive_seed(options.seed, env.rank))
+    return run_dir, resume_from, state
+
+
+def open_run(run_dir: Path, options, env: DistEnv, run_log: RunLog) -> None:
+    """Once the run is set up: create its folder, write ``config.yaml`` (what runs) and start ``log.txt``."""
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / 'config.yaml', yaml.safe_dump(as_dict(options), sort_keys=True))
+        run_log.open(run_dir)
     env.barrier()
-    setup_logging(run_dir, env)
-    seed_all(derive_seed(options.seed, env.rank))
-    return run_dir, resume_from, state
 
 
 def optimizer_step(optimizer, scaler, model: torch.nn.Module, clip_grad: Optional[float]) -> None:

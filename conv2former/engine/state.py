@@ -128,6 +128,12 @@ class TrainState:
     best: Optional[dict] = None
     epoch_loss: tuple = (0.0, 0, 0)  # (sum, micro-batches, images) of the epoch in progress
 
+    @property
+    def epoch_number(self) -> int:
+        """The 1-based epoch of the current position, as logs, metrics and checkpoint names count: the epoch in
+        progress mid-epoch, else the last one finished."""
+        return self.epoch + 1 if self.next_batch else self.epoch
+
     def state_dict(self, model_id: str, env: DistEnv, batch_size: int) -> dict:
         """The ``train_state.pt`` payload (tensors and plain containers only; the weights go to the model folder)."""
         return dict(model=model_id, epoch=self.epoch, next_batch=self.next_batch, step=self.step,
@@ -158,5 +164,5 @@ class TrainState:
         self.lr_points = [tuple(p) for p in state['lr_points']]
         loss = state.get('epoch_loss')  # absent in checkpoints written before it was recorded
         self.epoch_loss = tuple(loss) if loss and self.next_batch else (0.0, 0, 0)
-        logging.getLogger('conv2former.train').info('resumed from %s at epoch %d, batch %d, step %d', checkpoint,
-                                                    self.epoch, self.next_batch, self.step)
+        logging.getLogger('conv2former.train').info('resumed from %s: epoch %d, batch %d, step %d done', checkpoint,
+                                                    self.epoch_number, self.next_batch, self.step)

@@ -21,12 +21,15 @@ from timm.optim import create_optimizer_v2
 from torch.utils.data import Dataset
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from ..data import load_rgb
+from ..data import canonical_split, load_rgb
 from ..engine.distributed import DistEnv, init_distributed
 from ..engine.options import (RunOptions, add_arguments, non_negative_float, option, positive_int, probability,
                               redefault)
+from ..engine.record import from_record, refuse_train_overlap, run_record
 from ..engine.runtime import AMP_DTYPES
-from ..fileio import atomic_write_text, read_task_folder, write_task_folder
+from ..fileio import WEIGHTS_NAME, atomic_write_text, infer_num_classes, read_task_folder, write_task_folder
+from ..models import load_state_dict_file, unwrap_state_dict
+from ..models.keywords import check_model_kwargs
 
 __all__ = ['DenseOptions', 'DenseTask', 'layer_decay_param_groups', 'load_task_model']
 
@@ -62,6 +65,21 @@ def layer_decay_param_groups(model: nn.Module, backbone: nn.Module, backbone_nam
         group = groups.setdefault((layer, decay), dict(params=[], weight_decay=decay, lr_scale=scale))
         group['params'].append(param)
     return list(groups.values())
+
+
+def _loaded_summary(backbone: nn.Module, path) -> str:
+    """What ``--pretrained-backbone`` loaded: the file, the classifier it came from, the tensors used and left out
+    (timm loads strictly: every backbone tensor comes from the file, or the build fails)."""
+    path = Path(path)
+    file = path / WEIGHTS_NAME if path.is_dir() else path
+    weights = unwrap_state_dict(load_state_dict_file(file))
+    config = file.parent / 'config.json'
+    arch = json.loads(config.read_text()).get('architecture') if config.is_file() else None
+    used = backbone.state_dict()
+    values = sum(t.numel() for t in used.values())
+    return (f'loaded {len(used)} tensors ({values / 1e6:.2f}M values) from {file} (a {arch or "classifier"} with '
+            f'{infer_num_classes(weights)} classes, {len(weights)} tensors); its classifier and stage outputs the '
+            f'backbone does not use are left out')
 
 
 # ------------------------------------------------------------------------------------------------------------ options
@@ -106,6 +124,7 @@ class DenseTask:
     ``evaluate``, ``predict`` and ``overlays``."""
     name = ''
     collate = None
+    record_keys: tuple = ()  # eval flags that default to the run's config.yaml values (besides data)
 
     def __init__(self, options):
         self.options = options
@@ -134,12 +153,13 @@ class DenseTask:
     def build_model(self, class_names: Sequence[str], resuming: bool) -> nn.Module:
         self.config = self.model_config(class_names)
         pretrained = None if resuming else self.options.pretrained_backbone
+        check_model_kwargs(self.options.backbone, self.options.backbone_kwargs, '--backbone-kwargs')
         try:
             model = self.build(self.config, pretrained)
         except TypeError as e:  # a keyword the backbone does not take
             raise ValueError(f'{self.options.backbone}: {e} (check --backbone-kwargs)') from None
         if pretrained:
-            _logger.info('backbone %s initialised from %s', self.options.backbone, pretrained)
+            _logger.info('backbone %s: %s', self.options.backbone, _loaded_summary(self.backbone(model), pretrained))
         return model
 
     def optimizer(self, model: nn.Module, world_size: int) -> torch.optim.Optimizer:
@@ -174,12 +194,31 @@ class DenseTask:
         """A task for evaluating / predicting with a saved model: its folder's config plus the command's flags."""
         raise NotImplementedError
 
+    def train_overlap(self, dataset: Dataset, split: str, record: dict) -> int:
+        """How many images of ``dataset`` (``split`` of this task's data) trained the run whose ``config.yaml`` is
+        ``record``: all of them when it is the run's training split of the same data, else none."""
+        if not record or not same_data(self.options.data, record.get('data')):
+            return 0
+        return len(dataset) if _split_key(split) == _split_key(record.get('train_split', 'train')) else 0
+
     def eval_dataset(self, split: str) -> Dataset:
         dataset = self._dataset(split, False)
         if dataset.class_names != self.config['class_names']:
             raise ValueError(f'{self.options.data} ({split}) classes {dataset.class_names} differ from the '
                              f"model's {self.config['class_names']}")
         return dataset
+
+
+def same_data(a, b) -> bool:
+    """Whether two data paths name the same dataset."""
+    return a is not None and b is not None and Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def _split_key(split: str) -> str:
+    try:
+        return canonical_split(split)
+    except ValueError:
+        return split
 
 
 def image_tensor(path) -> torch.Tensor:
@@ -214,10 +253,17 @@ def cmd_eval(task: str, args: argparse.Namespace) -> int:
     """``detect eval`` / ``segment eval``: metrics and overlays of a saved model on a split."""
     from . import get_task
     task_cls = get_task(task)[0]
+    run_dir, record = run_record(args.checkpoint)
+    for key in ('data',) + task_cls.record_keys:
+        setattr(args, key, from_record(getattr(args, key), record, key, run_dir))
+    if args.data is None:
+        raise ValueError(f'--data is needed: {args.checkpoint} is not inside a run folder with a config.yaml')
     env = init_distributed(args.device)
     model, config = load_task_model(args.checkpoint, task_cls.name, env.device, task_cls.build)
     task = task_cls.from_config(config, args)
     dataset = task.eval_dataset(args.split)
+    refuse_train_overlap(task.train_overlap(dataset, args.split, record),
+                         f'{args.data} --split {args.split} against the run {run_dir}', args.allow_train_overlap)
     metrics = task.evaluate(model, dataset, env, amp_dtype=AMP_DTYPES.get(args.amp), progress=True)
     checkpoint = Path(args.checkpoint)
     out = Path(args.results_file or (checkpoint if checkpoint.is_dir() else Path('.')) / 'eval_results.json')
@@ -273,8 +319,10 @@ def add_task_parsers(sub, command: str, task: str, title: str, options_cls, add_
 def _add_eval_predict_parsers(actions, task: str, add_task_args) -> None:
     p = actions.add_parser('eval', help='metrics and overlays of a trained model on a split')
     p.add_argument('--checkpoint', required=True, help='run folder or its best/ / last/ model folder')
-    p.add_argument('--data', required=True, help='dataset folder or archive')
+    p.add_argument('--data', help="dataset folder or archive (default: the run's)")
     p.add_argument('--split', default='val')
+    p.add_argument('--allow-train-overlap', action='store_true',
+                   help="score images the run trained on anyway (refused otherwise; logged as a warning)")
     p.add_argument('-b', '--batch-size', type=positive_int, default=2)
     p.add_argument('-j', '--workers', type=int, default=2)
     p.add_argument('--device')

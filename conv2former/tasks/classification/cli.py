@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ...engine.options import add_arguments, keywords
+from ...engine.options import add_arguments, keywords, positive_int
 from .task import ClassificationOptions
 
 
@@ -24,42 +24,72 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_validate(args: argparse.Namespace) -> int:
-    import torch
-    from timm.data import create_transform, resolve_data_config
-    from torch.utils.data import DataLoader
-
-    from ...data import find_split, resolve_data_dir
-    from .data import ImageFolderDataset, build_timm_datasets, is_timm_source
-    from .evaluate import evaluate, save_confusion_matrix_png, write_results
+def _load(args: argparse.Namespace, device):
+    """(model, class names, data config) of ``--checkpoint`` with the command's model and preprocessing flags."""
+    from timm.data import resolve_data_config
     from .inference import load_model
-    from ...engine.runtime import AMP_DTYPES
-
-    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    model, class_names, data_config = load_model(args.checkpoint, args.model, use_ema=args.use_ema, device=device)
+    model, class_names, _ = load_model(args.checkpoint, args.model, use_ema=args.use_ema, device=device,
+                                       **keywords(args.model_kwargs))
     overrides = dict(img_size=args.img_size, crop_pct=args.crop_pct, interpolation=args.interpolation)
     data_config = resolve_data_config({k: v for k, v in overrides.items() if v is not None}, model=model)
-    if is_timm_source(args.data):
-        _, dataset, _ = build_timm_datasets(args.data, args.data_dir)
+    return model, class_names, data_config
+
+
+def _validation_dataset(args: argparse.Namespace, data_config: dict, class_names):
+    """(dataset, split description) to validate on: ``--data`` / ``--split``, by default the run's data and its
+    validation split; the run's own training split is refused unless ``--allow-train-overlap``."""
+    from timm.data import create_transform
+    from ...data import find_split, resolve_data_dir
+    from ...engine.record import from_record, refuse_train_overlap, run_record
+    from .data import ImageFolderDataset, build_timm_datasets, is_timm_source
+    run_dir, record = run_record(args.checkpoint)
+    data = from_record(args.data, record, 'data', run_dir)
+    if is_timm_source(data):
+        _, dataset, _ = build_timm_datasets(data, from_record(args.data_dir, record, 'data_dir', run_dir))
         if class_names is not None and dataset.class_names != list(class_names):
-            raise ValueError(f'{args.data} classes {dataset.class_names} differ from the model\'s {class_names}')
-        dataset.transform, split_dir = create_transform(**data_config), f'{args.data} (validation)'
-    else:
-        split_dir = find_split(resolve_data_dir(args.data), args.split)
-        dataset = ImageFolderDataset(split_dir, transform=create_transform(**data_config), class_names=class_names,
-                                     strict=args.strict)
+            raise ValueError(f'{data} classes {dataset.class_names} differ from the model\'s {class_names}')
+        dataset.transform = create_transform(**data_config)
+        return dataset, f'{data} (validation)'
+    split_dir = find_split(resolve_data_dir(data), args.split)
+    if run_dir is not None and not is_timm_source(record.get('data')):
+        train_dir = find_split(resolve_data_dir(record.get('data')), 'train')
+        overlap = len(_images_below(split_dir)) if split_dir.resolve() == train_dir.resolve() else 0
+        refuse_train_overlap(overlap, f'--split {args.split} is {split_dir}, the training split of {run_dir}',
+                             args.allow_train_overlap)
+    dataset = ImageFolderDataset(split_dir, transform=create_transform(**data_config), class_names=class_names,
+                                 strict=args.strict, mark_unreadable=True)
+    return dataset, str(split_dir)
+
+
+def _images_below(folder: Path) -> list:
+    """Every image below ``folder`` (class sub-folders included)."""
+    from ...data import list_images
+    return [p for d in sorted(folder.iterdir()) if d.is_dir() for p in list_images(d)]
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    import torch
+    from torch.utils.data import DataLoader
+
+    from ...engine.runtime import AMP_DTYPES, warn_slow_amp
+    from .evaluate import evaluate, save_confusion_matrix_png, write_results
+
+    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    warn_slow_amp(args.amp, device)
+    model, class_names, data_config = _load(args, device)
+    dataset, split = _validation_dataset(args, data_config, class_names)
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     result = evaluate(model, loader, device, len(dataset.class_names), amp_dtype=AMP_DTYPES.get(args.amp),
-                      channels_last=args.channels_last)
+                      channels_last=args.channels_last, progress=args.progress)
     extra = dict(model=getattr(model, 'pretrained_cfg', {}).get('architecture', args.model),
                  img_size=data_config['input_size'][-1], crop_pct=data_config['crop_pct'],
-                 interpolation=data_config['interpolation'], checkpoint=str(args.checkpoint), split=str(split_dir),
+                 interpolation=data_config['interpolation'], checkpoint=str(args.checkpoint), split=split,
                  skipped_images=dataset.num_skipped)
     checkpoint = Path(args.checkpoint)
-    default_dir = checkpoint if checkpoint.is_dir() else Path('.')
-    results_file = Path(args.results_file or default_dir / 'validate_results.json')
+    results_file = Path(args.results_file or (checkpoint if checkpoint.is_dir() else checkpoint.parent)
+                        / 'validate_results.json')
     write_results(result, dataset.class_names,
                   json_path=results_file if results_file.suffix != '.csv' else None,
                   csv_path=results_file if results_file.suffix == '.csv' else None, extra=extra)
@@ -74,9 +104,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from .inference import format_predictions, load_model, predict
-    model, class_names, data_config = load_model(args.checkpoint, args.model, use_ema=args.use_ema,
-                                                 device=args.device or 'cpu')
+    from .inference import format_predictions, predict
+    model, class_names, data_config = _load(args, args.device or 'cpu')
     results = predict(model, args.images, data_config, class_names=class_names, topk=args.topk,
                       batch_size=args.batch_size, device=args.device or 'cpu')
     print(json.dumps(results, indent=2) if args.json else format_predictions(results))
@@ -93,24 +122,54 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_record(model, class_names, data_config: dict, size: int) -> dict:
+    """What a user of an exported model needs: class names and the preprocessing (metadata and config.json)."""
+    return dict(architecture=getattr(model, 'pretrained_cfg', {}).get('architecture'), class_names=class_names,
+                num_classes=getattr(model, 'num_classes', None), input_size=[data_config['input_size'][0], size, size],
+                interpolation=data_config['interpolation'], crop_pct=data_config['crop_pct'],
+                crop_mode=data_config.get('crop_mode', 'center'), mean=list(data_config['mean']),
+                std=list(data_config['std']))
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .inference import export_onnx, export_torch, load_model
-    model, _, data_config = load_model(args.checkpoint, args.model, use_ema=args.use_ema)
+    from ...fileio import CONFIG_NAME, WEIGHTS_NAME, atomic_write_text
+    from .inference import export_onnx, export_torch, onnx_input_shape
+    if (args.output / WEIGHTS_NAME).is_file():
+        raise ValueError(f'--output {args.output} is a model folder: the export\'s {CONFIG_NAME} would replace its '
+                         f'own; choose another folder')
+    model, class_names, data_config = _load(args, 'cpu')
     size = args.img_size or data_config['input_size'][-1]
+    record = _export_record(model, class_names, data_config, size)
     args.output.mkdir(parents=True, exist_ok=True)
     in_chans = data_config['input_size'][0]
     if args.format in ('onnx', 'all'):
-        print(f'ONNX: {export_onnx(model, args.output / "model.onnx", size, in_chans=in_chans)}')
+        onnx_path = export_onnx(model, args.output / 'model.onnx', size, in_chans=in_chans, metadata=record)
+        record['onnx_input'] = onnx_input_shape(onnx_path)
+        print(f'ONNX: {onnx_path} (input {record["onnx_input"]})')
     if args.format in ('torch', 'all'):
         print(f'torch.export: {export_torch(model, args.output / "model.pt2", size, in_chans=in_chans)}')
+    atomic_write_text(args.output / CONFIG_NAME, json.dumps(record, indent=2) + '\n')
+    print(f'class names and preprocessing: {args.output / CONFIG_NAME}')
     return 0
 
 
 def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--checkpoint', required=True,
-                   help='run folder, model folder (config.json + model.safetensors), or a weights file with --model')
-    p.add_argument('--model', help='model name, needed when --checkpoint is a single weights file')
+                   help='run folder, model folder (config.json + model.safetensors), or a weights file (with '
+                        '--model unless a config.json lies beside it)')
+    p.add_argument('--model', help='model name, needed for a weights file without a config.json beside it')
+    p.add_argument('--model-kwargs', action='append', default=[], metavar='KEY=VALUE',
+                   help='model constructor keywords of a weights file, e.g. kernel_size=7 (repeatable)')
     p.add_argument('--use-ema', action='store_true', help='use the EMA weights of the checkpoint')
+
+
+def _add_preprocessing_args(p: argparse.ArgumentParser) -> None:
+    """Flags that override the model folder's saved preprocessing (what the run evaluated with)."""
+    p.add_argument('--img-size', type=positive_int, help='default: the model folder\'s (the run\'s) size')
+    p.add_argument('--crop-pct', type=float, help='default: the model folder\'s')
+    p.add_argument('--interpolation', help='default: the model folder\'s')
+    p.add_argument('--progress', action=argparse.BooleanOptionalAction, default=True,
+                   help='progress bar (--no-progress for logs and scripts)')
 
 
 def add_parsers(sub) -> None:
@@ -122,24 +181,27 @@ def add_parsers(sub) -> None:
 
     p = sub.add_parser('validate', help='top-1/top-5, per-class accuracy and confusion matrix on a split')
     _add_checkpoint_args(p)
-    p.add_argument('--data', help='ImageFolder tree, archive or timm source (default: the bundled dataset)')
+    p.add_argument('--data', help="ImageFolder tree, archive or timm source (default: the run's data, else the "
+                                  "bundled dataset)")
     p.add_argument('--data-dir', help='root folder of a timm source')
     p.add_argument('--split', default='val', help="split folder (synonyms accepted; default 'val')")
-    p.add_argument('--img-size', type=int)
-    p.add_argument('--crop-pct', type=float)
-    p.add_argument('--interpolation')
+    p.add_argument('--allow-train-overlap', action='store_true',
+                   help="score the run's own training split anyway (refused otherwise; logged as a warning)")
+    _add_preprocessing_args(p)
     p.add_argument('-b', '--batch-size', type=int, default=64)
     p.add_argument('-j', '--workers', type=int, default=2)
     p.add_argument('--device')
     p.add_argument('--amp', nargs='?', const='bf16', choices=['bf16', 'fp16'])
     p.add_argument('--channels-last', action='store_true')
     p.add_argument('--strict', action='store_true', help='fail on unreadable images instead of skipping them')
-    p.add_argument('--results-file', help='.json or .csv (default: <checkpoint folder>/validate_results.json)')
+    p.add_argument('--results-file', help='.json or .csv (default: validate_results.json in the checkpoint folder, '
+                                          'or beside a weights file)')
     p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser('predict', help='top-k labels for images')
     p.add_argument('images', nargs='+')
     _add_checkpoint_args(p)
+    _add_preprocessing_args(p)
     p.add_argument('--topk', type=int, default=5)
     p.add_argument('-b', '--batch-size', type=int, default=32)
     p.add_argument('--device')
@@ -154,10 +216,12 @@ def add_parsers(sub) -> None:
     p.add_argument('--labels', help='text file with one class name per line')
     p.set_defaults(func=_cmd_convert)
 
-    p = sub.add_parser('export', help='ONNX (checked with onnxruntime when installed) and torch.export')
+    p = sub.add_parser('export', help='ONNX (checked with onnxruntime when installed) and torch.export, dynamic '
+                                      'batch/height/width where the model allows, with a config.json of class names '
+                                      'and preprocessing')
     _add_checkpoint_args(p)
     p.add_argument('--output', required=True, type=Path)
     p.add_argument('--format', choices=['onnx', 'torch', 'all'], default='all')
-    p.add_argument('--img-size', type=int)
+    _add_preprocessing_args(p)
     p.set_defaults(func=_cmd_export)
 

@@ -4,10 +4,12 @@ transforms."""
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch.utils.data
 from PIL import Image
 
@@ -23,9 +25,11 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     Classes are the sorted sub-folder names of ``root`` (hidden ones ignored), or ``class_names`` in the given order
     (which then fixes the class indices and must name exactly those folders). Zero-byte files are skipped when the
-    dataset is built; unreadable images are skipped when loaded (with a warning, returning the next readable sample).
-    ``strict=True`` raises ValueError for either instead. ``num_skipped`` and ``skipped`` (list of ``(path, reason)``)
-    count both kinds, per process: skips seen inside DataLoader worker processes are not reported back.
+    dataset is built; unreadable images are skipped when loaded, with a warning: the next readable sample is returned
+    in its place, or with ``mark_unreadable`` (evaluation) a blank image with target -1, which ``evaluate`` leaves
+    out of every metric. ``strict=True`` raises ValueError for either instead. ``num_skipped`` and ``skipped`` (list
+    of ``(path, reason)``) count both kinds, including skips inside DataLoader worker processes (the unreadable flags
+    live in shared memory).
     """
 
     def __init__(
@@ -34,10 +38,12 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             transform: Callable[[Image.Image], Any] | None = None,
             class_names: list[str] | None = None,
             strict: bool = False,
+            mark_unreadable: bool = False,
     ):
         self.root = Path(root)
         self.transform = transform
         self.strict = strict
+        self.mark_unreadable = mark_unreadable
         if not self.root.is_dir():
             raise FileNotFoundError(f'dataset folder {self.root} does not exist or is not a directory; '
                                     'expected <root>/<class>/<image>')
@@ -51,8 +57,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                                  f'found {found} (missing folders: {sorted(set(class_names) - set(found))}, '
                                  f'unexpected folders: {sorted(set(found) - set(class_names))})')
         self.class_names: list[str] = list(class_names) if class_names is not None else found
-        self.skipped: list[tuple[str, str]] = []
-        self._bad: set[int] = set()
+        self._empty: list[tuple[str, str]] = []
         samples = []
         for idx, name in enumerate(self.class_names):
             files = list_images(self.root / name)
@@ -62,18 +67,30 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 if f.stat().st_size == 0:
                     if strict:
                         raise ValueError(f'empty (zero-byte) image file: {f}')
-                    self.skipped.append((str(f), 'empty (zero-byte) file'))
+                    self._empty.append((str(f), 'empty (zero-byte) file'))
                     continue
                 samples.append((str(f), idx))
         if not samples:
             raise ValueError(f'no readable images ({", ".join(IMG_EXTENSIONS)}) in {self.root}; '
                              f'expected <root>/<class>/<image>')
-        if self.skipped:
-            _logger.warning('%s: skipped %d zero-byte file(s), e.g. %s', self.root, len(self.skipped),
-                            self.skipped[0][0])
-        self.num_skipped: int = len(self.skipped)  # this process only: skips inside DataLoader workers are not seen
+        if self._empty:
+            _logger.warning('%s: skipped %d zero-byte file(s), e.g. %s', self.root, len(self._empty),
+                            self._empty[0][0])
         self.samples: list[tuple[str, int]] = sorted(samples)
         self.targets: list[int] = [t for _, t in self.samples]
+        self._bad = multiprocessing.RawArray('b', len(self.samples))  # 1 = unreadable; shared with forked workers
+
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        """``(path, reason)`` of every file skipped so far (zero-byte ones, then those found unreadable)."""
+        return self._empty + [(self.samples[i][0], 'unreadable image') for i in self._bad_indices()]
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self._empty) + len(self._bad_indices())
+
+    def _bad_indices(self) -> list[int]:
+        return np.flatnonzero(np.frombuffer(self._bad, dtype=np.int8)).tolist()
 
     @property
     def class_to_idx(self) -> dict[str, int]:
@@ -88,25 +105,35 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             raise IndexError(f'index {index} out of range for a dataset of {n} samples')
         index %= n
         for i in [(index + k) % n for k in range(n)]:
-            if i in self._bad:
-                continue
-            path, target = self.samples[i]
-            try:
-                img = load_rgb(path)
-            except (OSError, ValueError) as e:
-                if self.strict:
-                    raise ValueError(f'unreadable image {path}: {e}') from e
-                self._bad.add(i)
-                self.skipped.append((path, str(e)))
-                self.num_skipped += 1
-                _logger.warning('skipping unreadable image %s (%s)', path, e)
-                continue
-            return (self.transform(img) if self.transform is not None else img), target
+            img = None if self._bad[i] else self._load(i)
+            if img is not None:
+                return (self.transform(img) if self.transform is not None else img), self.samples[i][1]
+            if self.mark_unreadable:
+                blank = Image.new('RGB', (32, 32))
+                return (self.transform(blank) if self.transform is not None else blank), -1
         raise RuntimeError(f'no readable image in {self.root} ({n} files tried, all unreadable)')
+
+    def _load(self, i: int) -> Image.Image | None:
+        """Image ``i``, or None (flagged as unreadable, with a warning) when it cannot be read."""
+        path = self.samples[i][0]
+        try:
+            return load_rgb(path)
+        except (OSError, ValueError) as e:
+            if self.strict:
+                raise ValueError(f'unreadable image {path}: {e}') from e
+            self._bad[i] = 1
+            _logger.warning('skipping unreadable image %s (%s)', path, e)
+            return None
 
     def __repr__(self) -> str:
         return (f'{type(self).__name__}(root={str(self.root)!r}, samples={len(self)}, '
                 f'classes={len(self.class_names)}, skipped={self.num_skipped})')
+
+
+def _require_two_classes(class_names: list[str], where: str) -> None:
+    if len(class_names) < 2:
+        raise ValueError(f'{where} holds one class ({class_names[0]!r}): classification needs at least 2 class '
+                         f'folders')
 
 
 def build_datasets(
@@ -121,6 +148,7 @@ def build_datasets(
     """
     root = Path(data_dir)
     train = ImageFolderDataset(find_split(root, 'train'), train_transform, strict=strict)
+    _require_two_classes(train.class_names, str(train.root))
     val_root = find_split(root, 'val')
     val_classes = sorted(p.name for p in val_root.iterdir() if p.is_dir() and not p.name.startswith('.'))
     if val_classes != train.class_names:
@@ -128,7 +156,8 @@ def build_datasets(
         only_val = sorted(set(val_classes) - set(train.class_names))
         raise ValueError(f'train and val classes differ in {root}: only in train ({train.root.name}): {only_train}; '
                          f'only in val ({val_root.name}): {only_val}')
-    val = ImageFolderDataset(val_root, eval_transform, class_names=train.class_names, strict=strict)
+    val = ImageFolderDataset(val_root, eval_transform, class_names=train.class_names, strict=strict,
+                             mark_unreadable=True)
     return train, val, train.class_names
 
 
@@ -192,4 +221,5 @@ def build_timm_datasets(name: str, root: str | os.PathLike | None = None, downlo
     train_names, val_names = (_source_class_names(ds, name) for ds in splits)
     if train_names != val_names:
         raise ValueError(f'{name}: train and validation class names differ: {train_names} vs {val_names}')
+    _require_two_classes(train_names, name)
     return TimmSourceDataset(splits[0], train_names), TimmSourceDataset(splits[1], train_names), train_names

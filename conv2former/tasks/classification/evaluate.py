@@ -29,6 +29,7 @@ class EvalResult:
     num_samples: int
     per_class_accuracy: list[float]  # percent per class, nan for a class without samples
     confusion: torch.Tensor  # (num_classes, num_classes) int64, rows = true class, cols = predicted class
+    num_skipped: int = 0  # unreadable images (target -1): outside every metric
 
     def as_dict(self, class_names: list[str] | None = None) -> dict:
         """JSON-friendly scalars (timm ``validate.py`` keys, nan as None); per-class accuracy keyed by class name when
@@ -40,7 +41,7 @@ class EvalResult:
             per_class = dict(zip(class_names, per_class))
         return dict(top1=_finite(self.top1), top1_err=_finite(100 - self.top1), top5=_finite(self.top5),
                     top5_err=_finite(100 - self.top5), loss=_finite(self.loss, 6), num_samples=self.num_samples,
-                    per_class_accuracy=per_class)
+                    skipped_images=self.num_skipped, per_class_accuracy=per_class)
 
 
 def _finite(x: float, ndigits: int = 4) -> float | None:
@@ -51,7 +52,8 @@ def _finite(x: float, ndigits: int = 4) -> float | None:
 def evaluate(model: torch.nn.Module, loader, device: torch.device | str, num_classes: int,
              amp_dtype: torch.dtype | None = None, channels_last: bool = False, distributed: bool = False,
              progress: bool = True, desc: str = 'eval') -> EvalResult:
-    """Evaluate ``model`` over ``loader`` (``(images, targets)`` batches with integer targets).
+    """Evaluate ``model`` over ``loader`` (``(images, targets)`` batches with integer targets; target -1 marks an
+    unreadable image, counted in ``num_skipped`` and left out of every metric).
 
     Loss sum, top-k hits and the confusion matrix are accumulated as device tensors (no per-batch host sync unless the
     progress bar is shown). With ``distributed`` and an initialized ``torch.distributed`` group they are all-reduced
@@ -65,6 +67,7 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device | str, num_cla
     k = min(5, num_classes)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct_k = torch.zeros((), dtype=torch.int64, device=device)
+    skipped = torch.zeros((), dtype=torch.int64, device=device)
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
     reduce = distributed and dist.is_available() and dist.is_initialized()
     show = progress and (not reduce or dist.get_rank() == 0)
@@ -79,7 +82,9 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device | str, num_cla
                 targets = targets.to(device, non_blocking=True).long()
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     logits = model(images)
-                logits = logits.float()
+                keep = targets >= 0
+                skipped += (~keep).sum()
+                logits, targets = logits.float()[keep], targets[keep]
                 loss_sum += F.cross_entropy(logits, targets, reduction='sum')
                 topk = logits.topk(k, dim=1).indices
                 correct_k += (topk == targets[:, None]).any(dim=1).sum()
@@ -91,12 +96,12 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device | str, num_cla
                                     refresh=False)
     finally:
         model.train(was_training)
-    stats = torch.stack([loss_sum, correct_k.double()])
+    stats = torch.stack([loss_sum, correct_k.double(), skipped.double()])
     if reduce:
         dist.all_reduce(stats, op=dist.ReduceOp.SUM)
         dist.all_reduce(confusion, op=dist.ReduceOp.SUM)
     confusion = confusion.view(num_classes, num_classes).cpu()
-    loss_total, hits_k = stats.tolist()
+    loss_total, hits_k, num_skipped = stats.tolist()
     n = int(confusion.sum())
     hits = confusion.diagonal()
     per_class = confusion.sum(dim=1)
@@ -108,6 +113,7 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device | str, num_cla
         num_samples=n,
         per_class_accuracy=per_class_accuracy.tolist(),
         confusion=confusion,
+        num_skipped=round(num_skipped),
     )
 
 

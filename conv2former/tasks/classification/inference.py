@@ -19,10 +19,11 @@ from PIL import Image
 from timm.models import split_model_name_tag
 
 from ...data import load_rgb
-from ...fileio import (CONFIG_NAME, _drop_state_dict_ref, find_model_folder, infer_num_classes, load_classifier_folder,
-                       unwrap_module, write_model_folder)
+from ...fileio import (CONFIG_NAME, WEIGHTS_NAME, _drop_state_dict_ref, atomic_path, find_model_folder,
+                       infer_num_classes, load_classifier_folder, unwrap_module, write_model_folder)
 from ...models import MODEL_CONFIGS, load_state_dict_file, unwrap_state_dict
 from ...models import MODEL_NAMES
+from ...models.keywords import check_model_kwargs
 
 __all__ = [
     'load_model',
@@ -70,6 +71,7 @@ def _load_weights_file(path: Path, model_name: str | None, use_ema: bool, model_
             f'{path} is a weights file: pass the model name it belongs to (one of {", ".join(_known_models())}); '
             f'model folders and run folders need none')
     _check_model_name(model_name)
+    check_model_kwargs(model_name, model_kwargs)
     raw = load_state_dict_file(path)
     try:
         state_dict = unwrap_state_dict(raw, use_ema=use_ema)
@@ -99,7 +101,9 @@ def load_model(
       ``model_ema.safetensors`` instead (error if absent); ``model_name`` is not needed (config.json names it);
     * weights file (``.safetensors`` / ``.pth`` / ``.pth.tar``, ours or upstream layout) → needs ``model_name``;
       the number of classes is read from the file's classifier; ``use_ema`` picks the ``state_dict_ema`` entry of a
-      training checkpoint, otherwise its ``state_dict`` / ``model`` entry.
+      training checkpoint, otherwise its ``state_dict`` / ``model`` entry. A weights file with a ``config.json``
+      beside it is built and preprocessed as that config says (no model name needed); without one a warning names
+      the default preprocessing used.
 
     ``model_kwargs`` go to ``timm.create_model`` (e.g. dims/depths/kernel_size of a custom configuration).
     Returns ``(model in eval mode on device, class names or None, data config)``.
@@ -118,10 +122,18 @@ def load_model(
         if model_name and arch and split_model_name_tag(model_name)[0] != arch:
             _logger.warning('%s holds a %s model; ignoring model name %s', folder, arch, model_name)
         model = load_classifier_folder(folder, use_ema, model_kwargs)
+    elif (path.parent / CONFIG_NAME).is_file():
+        _logger.info('%s: architecture and preprocessing from %s', path, path.parent / CONFIG_NAME)
+        model = load_classifier_folder(path.parent, use_ema and path.name == WEIGHTS_NAME, model_kwargs, weights=path)
     else:
         model = _load_weights_file(path, model_name, use_ema, model_kwargs)
     model = model.to(device).eval()
     data_config = timm.data.resolve_data_config(model=model)
+    if path.is_file() and not (path.parent / CONFIG_NAME).is_file():
+        _logger.warning('%s has no %s beside it: preprocessing uses the %s defaults (%d px, %s, crop %.3f); pass '
+                        '--img-size / --interpolation / --crop-pct if it was trained otherwise', path, CONFIG_NAME,
+                        model_name, data_config['input_size'][-1], data_config['interpolation'],
+                        data_config['crop_pct'])
     return model, _label_names(model), data_config
 
 
@@ -255,11 +267,115 @@ def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
-def _example(model: nn.Module, batch: int, in_chans: int, img_size: int) -> torch.Tensor:
+def _example(model: nn.Module, batch: int, in_chans: int, img_size: int | tuple[int, int]) -> torch.Tensor:
     param = next(model.parameters(), None)
     dev = param.device if param is not None else torch.device('cpu')
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    return torch.randn(batch, in_chans, img_size, img_size, device=dev, dtype=dtype)
+    height, width = (img_size, img_size) if isinstance(img_size, int) else img_size
+    return torch.randn(batch, in_chans, height, width, device=dev, dtype=dtype)
+
+
+def _dynamic_dims(dynamic_batch: bool, dynamic_size: bool) -> dict:
+    """torch.export dims of the input: batch (0) and height/width (2, 3) as asked."""
+    dims = {0: torch.export.Dim('batch', min=1)} if dynamic_batch else {}
+    if dynamic_size:  # below 32 px the stride-32 stages have nothing left
+        dims.update({2: torch.export.Dim('height', min=32, max=8192), 3: torch.export.Dim('width', min=32, max=8192)})
+    return dims
+
+
+def _quiet_export(export, *args, **kwargs):
+    """Run an exporter without its warnings and symbolic-shape chatter."""
+    shapes_log = logging.getLogger('torch.fx.experimental.symbolic_shapes')
+    level = shapes_log.level
+    shapes_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            return export(*args, **kwargs)
+    finally:
+        shapes_log.setLevel(level)
+
+
+def _export_onnx_file(model: nn.Module, example: torch.Tensor, path: Path, dynamic_batch: bool,
+                      dynamic_size: bool) -> str:
+    """Write ``path`` with the dynamo exporter (dynamic height/width if asked, else or if that fails static), or
+    with the TorchScript exporter if dynamo fails. Returns the exporter used."""
+    names = dict(input_names=['input'], output_names=['logits'])
+    # weights go into the .onnx file itself unless they approach protobuf's 2 GB limit
+    large = sum(t.numel() * t.element_size() for t in model.state_dict().values()) > 1.5e9
+    attempts = [(dynamic_batch, dynamic_size), (dynamic_batch, False)] if dynamic_size else [(dynamic_batch, False)]
+    error = None
+    for batch_dim, size_dims in attempts:
+        try:
+            shapes = _dynamic_dims(batch_dim, size_dims)
+            _quiet_export(torch.onnx.export, model, (example,), str(path), dynamo=True, verbose=False,
+                          dynamic_shapes=(shapes,) if shapes else None, external_data=large, **names)
+            return 'dynamo'
+        except Exception as e:  # noqa: BLE001 - any exporter failure triggers the next attempt
+            error = error or e
+            if size_dims:
+                _logger.warning('dynamic height/width export failed (%s); exporting a fixed size', _first_line(e))
+    msg = f'{type(error).__name__}: {_first_line(error)}'
+    warnings.warn(f'dynamo ONNX export failed ({msg}); falling back to the TorchScript exporter')
+    for leftover in (path, path.with_name(path.name + '.data')):
+        leftover.unlink(missing_ok=True)
+    axes = {'input': {0: 'batch'}, 'logits': {0: 'batch'}} if dynamic_batch else None
+    try:
+        _quiet_export(torch.onnx.export, model, (example,), str(path), dynamo=False, dynamic_axes=axes,
+                      opset_version=17, **names)
+    except Exception as legacy_error:
+        raise RuntimeError(f'ONNX export failed with both exporters: dynamo: {msg}; '
+                           f'TorchScript: {type(legacy_error).__name__}: {legacy_error}') from legacy_error
+    return 'torchscript'
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).splitlines()[0] if str(error) else ''
+
+
+def onnx_input_shape(path: str | Path) -> list:
+    """The ONNX model's input shape: ints for fixed dims, names ('batch', 'height', ...) for dynamic ones."""
+    import onnx
+    dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+    return [d.dim_param or d.dim_value for d in dims]
+
+
+def _check_sizes(img_size: int, shape: list) -> list:
+    """Input sizes to check an export at: the export size, and a rectangular other one where H and W are dynamic."""
+    sizes = [(img_size, img_size)]
+    if len(shape) == 4 and all(isinstance(d, str) for d in shape[2:]):
+        sizes.append((img_size + 32, img_size + 64))
+    return sizes
+
+
+def _check_onnx(model: nn.Module, path: Path, exporter: str, in_chans: int, img_size: int, batch: int) -> None:
+    """Outputs of onnxruntime and PyTorch agree to 1e-3 on random input(s) (skipped without onnxruntime)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        _logger.warning('onnxruntime is not installed: %s was not checked', path)
+        return
+    session = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+    for size in _check_sizes(img_size, onnx_input_shape(path)):
+        x = _example(model, batch, in_chans, size)
+        expected = model(x).detach().float().cpu().numpy()
+        got = session.run(None, {session.get_inputs()[0].name: x.float().cpu().numpy()})[0]
+        diff = float(np.abs(got - expected).max()) if got.shape == expected.shape else float('inf')
+        if not diff < 1e-3:
+            raise RuntimeError(f'ONNX model {path} ({exporter} exporter) disagrees with PyTorch at {size[0]}x'
+                               f'{size[1]}: max abs diff {diff:.3g} (shapes {got.shape} vs {expected.shape})')
+        _logger.info('onnxruntime check at %dx%d passed (max abs diff %.2e)', *size, diff)
+
+
+def _write_onnx_metadata(path: Path, metadata: Mapping[str, Any]) -> None:
+    """Store ``metadata`` (values as JSON) in the model's ``metadata_props``."""
+    import onnx
+    proto = onnx.load(str(path), load_external_data=False)
+    del proto.metadata_props[:]
+    for key, value in metadata.items():
+        proto.metadata_props.add(key=str(key), value=json.dumps(value))
+    with atomic_path(path) as tmp:
+        onnx.save(proto, str(tmp))
 
 
 def export_onnx(
@@ -269,87 +385,60 @@ def export_onnx(
         in_chans: int = 3,
         check: bool = True,
         dynamic_batch: bool = True,
+        dynamic_size: bool = True,
+        metadata: Mapping[str, Any] | None = None,
 ) -> Path:
     """Export to ONNX: the dynamo exporter first, the legacy TorchScript exporter only if that fails.
 
-    Which exporter was used is logged (a warning with the dynamo error on fallback). With ``check`` and
-    onnxruntime installed, outputs on a random batch must agree to 1e-3 (RuntimeError with the difference
-    otherwise). Input ``input`` (N, C, H, W), output ``logits``; the batch dimension is dynamic if asked.
+    Input ``input`` (N, C, H, W), output ``logits``; the batch dimension is dynamic if asked, and height/width with
+    ``dynamic_size`` where the exporter manages (else the export is fixed at ``img_size``, with a warning;
+    ``onnx_input_shape`` tells). Which exporter was used is logged. With ``check`` and onnxruntime installed,
+    outputs on random batches (at ``img_size`` and, when dynamic, at another size) must agree to 1e-3 (RuntimeError
+    otherwise). ``metadata`` (class names, preprocessing, ...) goes into ``metadata_props`` as JSON strings.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with _eval_mode(unwrap_module(model)) as model:
         example = _example(model, 2, in_chans, img_size)  # batch 2: a batch of 1 would be specialised
-        names = dict(input_names=['input'], output_names=['logits'])
-        # weights go into the .onnx file itself unless they approach protobuf's 2 GB limit
-        large = sum(t.numel() * t.element_size() for t in model.state_dict().values()) > 1.5e9
-        try:
-            shapes = ({0: torch.export.Dim('batch', min=1)},) if dynamic_batch else None
-            with warnings.catch_warnings():
-                warnings.simplefilter('ignore')
-                torch.onnx.export(model, (example,), str(path), dynamo=True, dynamic_shapes=shapes, verbose=False,
-                                  external_data=large, **names)
-            exporter = 'dynamo'
-        except Exception as dynamo_error:  # noqa: BLE001 - any exporter failure triggers the fallback
-            msg = f'{type(dynamo_error).__name__}: {str(dynamo_error).splitlines()[0] if str(dynamo_error) else ""}'
-            warnings.warn(f'dynamo ONNX export failed ({msg}); falling back to the TorchScript exporter')
-            for leftover in (path, path.with_name(path.name + '.data')):
-                leftover.unlink(missing_ok=True)
-            axes = {'input': {0: 'batch'}, 'logits': {0: 'batch'}} if dynamic_batch else None
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter('ignore')
-                    torch.onnx.export(model, (example,), str(path), dynamo=False, dynamic_axes=axes,
-                                      opset_version=17, **names)
-            except Exception as legacy_error:
-                raise RuntimeError(f'ONNX export failed with both exporters: dynamo: {msg}; '
-                                   f'TorchScript: {type(legacy_error).__name__}: {legacy_error}') from legacy_error
-            exporter = 'torchscript'
-        _logger.info('exported %s with the %s ONNX exporter', path, exporter)
-
+        exporter = _export_onnx_file(model, example, path, dynamic_batch, dynamic_size)
+        _logger.info('exported %s with the %s ONNX exporter (input %s)', path, exporter, onnx_input_shape(path))
+        if metadata:
+            _write_onnx_metadata(path, metadata)
         if check:
-            try:
-                import onnxruntime as ort
-            except ImportError:
-                _logger.warning('onnxruntime is not installed: %s was not checked', path)
-                return path
-            x = _example(model, 3 if dynamic_batch else 2, in_chans, img_size)
-            expected = model(x).detach().float().cpu().numpy()
-            session = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
-            got = session.run(None, {session.get_inputs()[0].name: x.float().cpu().numpy()})[0]
-            diff = float(np.abs(got - expected).max()) if got.shape == expected.shape else float('inf')
-            if not diff < 1e-3:
-                raise RuntimeError(f'ONNX model {path} ({exporter} exporter) disagrees with PyTorch: max abs diff '
-                                   f'{diff:.3g} (shapes {got.shape} vs {expected.shape})')
-            _logger.info('onnxruntime check passed (max abs diff %.2e)', diff)
+            with torch.no_grad():
+                _check_onnx(model, path, exporter, in_chans, img_size, 3 if dynamic_batch else 2)
     return path
 
 
 def export_torch(model: nn.Module, path: str | Path, img_size: int, in_chans: int = 3) -> Path:
-    """Export with ``torch.export`` (dynamic batch when possible, else static) and save a ``.pt2`` file.
+    """Export with ``torch.export`` (dynamic batch, height and width when possible, else dynamic batch, else static)
+    and save a ``.pt2`` file.
 
     The saved program is reloaded with ``torch.export.load`` and must match the model to 1e-4 (RuntimeError
-    otherwise). Load it with ``torch.export.load(path).module()``.
+    otherwise), at ``img_size`` and, when the size is dynamic, at another one. Load it with
+    ``torch.export.load(path).module()``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _eval_mode(unwrap_module(model)) as model:
+    with _eval_mode(unwrap_module(model)) as model, torch.no_grad():
         example = _example(model, 2, in_chans, img_size)
-        with torch.no_grad():
+        for batch_dim, size_dims in ((True, True), (True, False), (False, False)):
             try:
-                program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim('batch')},))
-                dynamic = True
+                shapes = _dynamic_dims(batch_dim, size_dims)
+                program = _quiet_export(torch.export.export, model, (example,),
+                                        dynamic_shapes=(shapes,) if shapes else None)
+                break
             except Exception as e:  # noqa: BLE001
-                _logger.warning('dynamic-batch torch.export failed (%s); exporting with a fixed batch of 2', e)
-                program = torch.export.export(model, (example,))
-                dynamic = False
+                if not batch_dim:
+                    raise
+                _logger.warning('torch.export with dims %s failed (%s); trying fewer dynamic dims', list(shapes),
+                                _first_line(e))
         torch.export.save(program, str(path))
         loaded = torch.export.load(str(path))
-        x = _example(model, 3 if dynamic else 2, in_chans, img_size)
-        with torch.no_grad():
-            expected = model(x)
-            got = loaded.module()(x)
-        diff = float((got - expected).abs().max())
-        if not diff < 1e-4:
-            raise RuntimeError(f'reloaded program {path} disagrees with the model: max abs diff {diff:.3g}')
+        for size in [(img_size, img_size)] + ([(img_size + 32, img_size + 64)] if size_dims else []):
+            x = _example(model, 3 if batch_dim else 2, in_chans, size)
+            diff = float((loaded.module()(x) - model(x)).abs().max())
+            if not diff < 1e-4:
+                raise RuntimeError(f'reloaded program {path} disagrees with the model at {size}: max abs diff '
+                                   f'{diff:.3g}')
     return path

@@ -24,6 +24,7 @@ from .data import build_datasets, build_timm_datasets, is_timm_source
 from .evaluate import evaluate, save_confusion_matrix_png, write_results
 from .recipes import DROP_PATH, RECIPES
 from ...models import MODEL_NAMES
+from ...models.keywords import check_model_kwargs
 
 _logger = logging.getLogger('conv2former.train')
 
@@ -161,6 +162,7 @@ class ClassificationTask:
         if not timm.is_model(o.model):
             raise ValueError(f'unknown model {o.model!r}; registered Conv2Former models: '
                              f'{", ".join(MODEL_NAMES)}')
+        check_model_kwargs(o.model, o.model_kwargs)
         kwargs = dict(o.model_kwargs, num_classes=len(class_names), drop_path_rate=o.drop_path, drop_rate=o.drop)
         if o.pretrained and not resuming:
             kwargs.update(pretrained=True, pretrained_cfg_overlay=pretrained_overlay(o.pretrained))
@@ -241,10 +243,22 @@ class ClassificationTask:
         return write_model_folder(model, folder, dict(self.options.model_kwargs, num_classes=len(self.class_names)),
                                   label_names=self.class_names, ema_state_dict=ema_state_dict)
 
+    def skipped_images(self) -> dict:
+        """Images skipped so far (zero-byte or unreadable, in any process of this rank): {'train', 'val', 'total'}."""
+        train, val = (ds.num_skipped for ds in self._datasets)
+        return dict(train=train, val=val, total=train + val)
+
     def finish(self, model: nn.Module, val: Dataset, run_dir: Path, final: dict, last_eval: Optional[dict]) -> dict:
+        """results.json and the confusion matrix; adds the complete skip count to ``final`` (the report's)."""
+        skipped = self.skipped_images()
+        final['skipped_images'] = skipped['total']
+        if skipped['total']:
+            _logger.warning('skipped %d unreadable images in all (%d train, %d val), left out of every metric',
+                            skipped['total'], skipped['train'], skipped['val'])
         if last_eval is not None:
             result = last_eval['result']
             save_confusion_matrix_png(result.confusion, self.class_names, run_dir / 'confusion_matrix.png')
             write_results(result, self.class_names, json_path=run_dir / 'results.json',
-                          extra=dict(model=self.options.model, img_size=self.data_config['input_size'][-1]))
+                          extra=dict(model=self.options.model, img_size=self.data_config['input_size'][-1],
+                                     skipped_images=skipped['total'], skipped=skipped))
         return {}

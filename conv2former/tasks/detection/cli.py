@@ -10,7 +10,8 @@ from .options import DetectionOptions
 
 def _add_args(p: argparse.ArgumentParser, command: str) -> None:
     if command == 'eval':
-        p.add_argument('--holdout', type=int, default=50, help='Penn-Fudan: images held out as val')
+        p.add_argument('--holdout', type=int, help="Penn-Fudan: images held out as val (default: the run's, "
+                                                   "else 50)")
     else:
         p.add_argument('--score-threshold', type=probability, default=0.5)
 

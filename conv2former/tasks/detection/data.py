@@ -317,6 +317,7 @@ class PennFudanDataset(_InstanceDataset):
         if self.split != 'all' and not 0 < holdout < n:
             raise ValueError(f'holdout={holdout} must leave images in both splits: expected 1..{n - 1} for the '
                              f'{n} images of {image_dir}')
+        self.num_images = n  # of every split: the split is a slice of one fixed order
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
         chosen = {'train': order[:n - holdout], 'val': order[n - holdout:], 'all': order}[self.split]
         self.class_names = [BACKGROUND, 'person']

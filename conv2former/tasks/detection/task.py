@@ -13,8 +13,8 @@ from tqdm import tqdm
 
 from ...engine.distributed import DistEnv
 from ...visualize import detection_overlay
-from ..dense import DenseTask, image_tensor, shard
-from .data import build_detection_dataset, collate_detection, detection_transforms
+from ..dense import DenseTask, image_tensor, same_data, shard
+from .data import PennFudanDataset, build_detection_dataset, collate_detection, detection_transforms
 from .metrics import CocoEvaluator
 from .model import build_detector
 from .options import DetectionOptions
@@ -24,6 +24,7 @@ from .recipes import DETECTION_RECIPES
 class DetectionTask(DenseTask):
     """Faster / Mask R-CNN, RetinaNet or FCOS (torchvision) on an FPN over the backbone's four stages."""
     name = 'detect'
+    record_keys = ('holdout',)
     best_metric = 'bbox_AP'
     columns = [('epoch', 'epoch', 'd'), ('train loss', 'train_loss', '.4f'), ('box AP', 'bbox_AP', '.2f'),
                ('box AP50', 'bbox_AP50', '.2f'), ('mask AP', 'segm_AP', '.2f'), ('mask AP50', 'segm_AP50', '.2f'),
@@ -122,7 +123,7 @@ class DetectionTask(DenseTask):
     @classmethod
     def from_config(cls, config: dict, args: argparse.Namespace) -> 'DetectionTask':
         options = DetectionOptions(data=getattr(args, 'data', None) or 'none', model=config['model'],
-                                   backbone=config['backbone'], holdout=getattr(args, 'holdout', 50),
+                                   backbone=config['backbone'], holdout=getattr(args, 'holdout', None) or 50,
                                    workers=getattr(args, 'workers', 0))
         options.finalize()
         task = cls(options)
@@ -131,6 +132,17 @@ class DetectionTask(DenseTask):
 
     def eval_record(self) -> dict:
         return dict(holdout=self.options.holdout)
+
+    def train_overlap(self, dataset: Dataset, split: str, record: dict) -> int:
+        """Penn-Fudan: the images of the split that fall into the run's training part of the fixed split order (a
+        larger hold-out than the run's reaches into it); other data: as for any dense task."""
+        if not (isinstance(dataset, PennFudanDataset) and 'holdout' in record and same_data(self.options.data,
+                                                                                            record.get('data'))):
+            return super().train_overlap(dataset, split, record)
+        n = dataset.num_images
+        start = {'val': n - self.options.holdout, 'train': 0, 'all': 0}[dataset.split]
+        end = {'val': n, 'train': n - self.options.holdout, 'all': n}[dataset.split]
+        return max(0, min(end, n - record['holdout']) - start)
 
     def predict_file(self, model: nn.Module, path: Path, out_dir: Path, device: torch.device,
                      args: argparse.Namespace) -> dict:
