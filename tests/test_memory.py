@@ -10,7 +10,7 @@ import pytest
 import timm
 import torch
 
-import conv2former
+import conv2former  # noqa: F401  (registers the models)
 from conv2former.models import lean
 from conv2former.models.layers import Conv2FormerBlock
 
