@@ -9,13 +9,23 @@ from timm.models._features import feature_take_indices
 
 class Conv2FormerBase(nn.Module):
     """Subclasses build ``stem``, ``head`` (a ``Conv2FormerHead``), ``feature_info`` and a trunk, the
-    ``nn.Sequential`` named by ``trunk_name`` whose i-th element outputs ``feature_info[i]``.
+    ``nn.Sequential`` named by ``trunk_name`` whose i-th element outputs ``feature_info[i]`` (a list of dicts:
+    deliberately not annotated, as TorchScript cannot type it and scripted code never reads it).
     """
     trunk_name = 'stages'
     num_classes: int
     num_features: int
     head_hidden_size: int
-    feature_info: List[dict]
+
+    @torch.jit.ignore
+    def set_lean_backward(self, enable: bool = True) -> None:
+        """Lean backward of every block (default on): the blocks save a few tensors and recompute the rest in
+        backward (``conv2former.models.lean``), about a third of plain autograd's activation memory, same outputs
+        and gradients. Off: autograd saves every intermediate, as plain PyTorch modules do."""
+        from .layers import Conv2FormerBlock
+        for module in self.modules():
+            if isinstance(module, Conv2FormerBlock):
+                module.lean = enable
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:

@@ -3,22 +3,30 @@
 Every module is NCHW and built from plain ``nn.Conv2d`` / timm layers, so parameter names and shapes
 follow the upstream code one-to-one (see ``checkpoint_filter_fn``) and ``nn.Conv2d`` weights load as-is.
 """
-from typing import Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+
+from torch.fx import _symbolic_trace
 
 from timm.layers import (DropPath, LayerNorm2d, LayerScale2d, SelectAdaptivePool2d, register_notrace_function,
                          register_notrace_module)
 
 from ..ops import FUSED_WEIGHTINGS, conv_modulation, dwconv2d
+from .lean import lean_supported, mlp_branch, modulation_branch
+
+# symbolic tracing (torch.fx, timm's feature extraction); torch < 2.5 has only the broader is_fx_tracing
+_is_fx_tracing = getattr(_symbolic_trace, 'is_fx_symbolic_tracing', _symbolic_trace.is_fx_tracing)
+_is_exporting = getattr(torch.compiler, 'is_exporting', lambda: False)
+_functorch_active = getattr(torch._C, '_are_functorch_transforms_active', lambda: False)
 
 FUSIONS = ('mul', 'sum')
 WEIGHTINGS = ('none', 'sigmoid', 'l1', 'minmax')
 STEMS = ('conv3', 'patch')
 HEADS = ('conv', 'norm')
 MIN_KERNEL, MAX_KERNEL = 3, 31
-_EPS = 1e-6
 
 
 def check_choice(name: str, value, choices: Sequence) -> None:
@@ -38,24 +46,31 @@ def check_kernel_size(kernel_size: int) -> int:
     return kernel_size
 
 
+def _shape_str(shape: List[int]) -> str:
+    """``tuple(shape)`` as Python prints it, in a form TorchScript compiles too."""
+    if len(shape) == 1:
+        return '(' + str(shape[0]) + ',)'
+    return '(' + ', '.join([str(s) for s in shape]) + ')'
+
+
 @register_notrace_function  # shape checks are data-independent: keep them out of FX graphs
 def check_input(x: torch.Tensor, in_chans: int, min_size: int) -> None:
-    """Raise a ValueError unless ``x`` is (B, in_chans, H, W) with H, W >= min_size."""
+    """Raise a ValueError unless ``x`` is (B, in_chans, H, W) with H, W >= min_size (TorchScript-compatible)."""
     if x.ndim != 4:
         raise ValueError(
             f'Conv2Former expects a 4-D input (batch, channels, height, width), got a {x.ndim}-D tensor of shape '
-            f'{tuple(x.shape)}')
+            + _shape_str(x.shape))
     if x.shape[1] != in_chans:
         raise ValueError(
-            f'Conv2Former was built for {in_chans} input channels, got {x.shape[1]} (input shape {tuple(x.shape)}); '
-            f'build the model with in_chans={x.shape[1]} or convert the images')
+            f'Conv2Former was built for {in_chans} input channels, got {x.shape[1]} (input shape '
+            + _shape_str(x.shape) + f'); build the model with in_chans={x.shape[1]} or convert the images')
     if x.shape[2] < min_size or x.shape[3] < min_size:
         raise ValueError(
             f'Conv2Former needs an input of at least {min_size}x{min_size} pixels so that the last stage keeps '
             f'one pixel, got {x.shape[2]}x{x.shape[3]}')
 
 
-def weight_modulation(a: torch.Tensor, weighting: str) -> torch.Tensor:
+def weight_modulation(a: torch.Tensor, weighting: str, eps: float = 1e-6) -> torch.Tensor:
     """Apply the paper's Table 6 weightings to the modulation map A (B, C, H, W).
 
     - ``none``: A as is (upstream, best).
@@ -63,18 +78,20 @@ def weight_modulation(a: torch.Tensor, weighting: str) -> torch.Tensor:
     - ``l1``: A divided by the mean of |A| over the spatial positions of each (sample, channel), i.e. L1
       normalisation over positions scaled by H*W so the magnitude stays O(1).
     - ``minmax``: A rescaled linearly per (sample, channel) into (0, 1]: (A - min + eps) / (max - min + eps).
+
+    TorchScript-compatible (no module-level constants, plain messages).
     """
     if weighting == 'none':
         return a
     if weighting == 'sigmoid':
         return a.sigmoid()
     if weighting == 'l1':
-        return a / (a.abs().mean(dim=(2, 3), keepdim=True) + _EPS)
+        return a / (a.abs().mean(dim=(2, 3), keepdim=True) + eps)
     if weighting == 'minmax':
         a_min = a.amin(dim=(2, 3), keepdim=True)
         a_max = a.amax(dim=(2, 3), keepdim=True)
-        return (a - a_min + _EPS) / (a_max - a_min + _EPS)
-    raise ValueError(f'weighting must be one of {WEIGHTINGS}, got {weighting!r}')
+        return (a - a_min + eps) / (a_max - a_min + eps)
+    raise ValueError("weighting must be one of ('none', 'sigmoid', 'l1', 'minmax'), got '" + weighting + "'")
 
 
 KERNELS = (None, 'torch', 'triton', 'fused')
@@ -95,6 +112,8 @@ class DepthwiseConv2d(nn.Conv2d):
         self.kernels = kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # the backend dispatch reads the environment: TorchScript runs PyTorch's conv
+            return F.conv2d(x, self.weight, self.bias, padding=self.padding, groups=self.groups)
         return dwconv2d(x, self.weight, self.bias, backend=self.kernels)
 
 
@@ -143,12 +162,21 @@ class ConvModulation(nn.Module):
         """The (weighted) modulation map A for a normalised input x."""
         return weight_modulation(self.dwconv(self.a_act(self.a_proj(x))), self.weighting)
 
+    def fuse(self, a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Weighting of the depthwise conv's output ``a`` and its fusion with V."""
+        a = weight_modulation(a, self.weighting)
+        return a * v if self.fusion == 'mul' else a + v
+
+    @torch.jit.unused
+    def fused_modulation(self, a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The fused Triton op for W1's output ``a`` and V: everything between the 1x1 projections."""
+        return conv_modulation(a, v, self.dwconv.weight, self.dwconv.bias, act=not isinstance(self.a_act, nn.Identity),
+                               fusion=self.fusion, weighting=self.weighting)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused:
-            m = conv_modulation(
-                self.a_proj(x), self.v_proj(x), self.dwconv.weight, self.dwconv.bias,
-                act=not isinstance(self.a_act, nn.Identity), fusion=self.fusion, weighting=self.weighting)
-            return self.proj(m)
+        if not torch.jit.is_scripting():  # TorchScript runs the unfused PyTorch path
+            if self.fused:
+                return self.proj(self.fused_modulation(self.a_proj(x), self.v_proj(x)))
         a = self.modulation(x)
         v = self.v_proj(x)
         x = a * v if self.fusion == 'mul' else a + v
@@ -186,7 +214,14 @@ class ConvMlp(nn.Module):
 
 
 class Conv2FormerBlock(nn.Module):
-    """Pre-norm residual block: x + γ1·ConvMod(LN(x)), then x + γ2·MLP(LN(x)), each with stochastic depth."""
+    """Pre-norm residual block: x + γ1·ConvMod(LN(x)), then x + γ2·MLP(LN(x)), each with stochastic depth.
+
+    When autograd records (training), each branch runs as one autograd function that saves only a few tensors and
+    recomputes the rest in backward (``conv2former.models.lean``): same outputs, same gradients up to float
+    rounding, about a third of the activation memory. ``lean = False`` (``model.set_lean_backward(False)``) makes
+    autograd save every intermediate instead.
+    """
+    lean: bool
 
     def __init__(
             self,
@@ -215,8 +250,33 @@ class Conv2FormerBlock(nn.Module):
         self.mlp = ConvMlp(dim, int(dim * mlp_ratio), dwconv=mlp_dwconv, act_layer=act_layer, **dd)
         self.ls2 = LayerScale2d(dim, ls_init_value, **dd) if ls_init_value is not None else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.lean = True
+
+    @torch.jit.unused
+    def _use_lean(self, x: torch.Tensor) -> bool:
+        """The lean backward applies when autograd records this block in eager mode; tracers, compilers and
+        exporters see the plain modules."""
+        if not self.lean or not torch.is_grad_enabled():
+            return False
+        if _is_fx_tracing() or torch.jit.is_tracing() or torch.compiler.is_compiling() or _is_exporting():
+            return False
+        if _functorch_active() or torch.autograd.forward_ad._current_level >= 0:  # torch.func, forward-mode AD
+            return False
+        if x.is_meta:
+            return False
+        if not (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return False
+        return lean_supported(self)
+
+    @torch.jit.unused
+    def _forward_lean(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(modulation_branch(self, x))
+        return x + self.drop_path2(mlp_branch(self, x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            if self._use_lean(x):
+                return self._forward_lean(x)
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x
@@ -353,6 +413,7 @@ class Conv2FormerHead(nn.Module):
             self.conv, self.act, self.norm = nn.Identity(), nn.Identity(), nn.Identity()
             self.num_features = self.in_features
         self.fc = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.train(self.training)  # the new modules follow the head's train/eval mode
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.act(self.conv(x))
