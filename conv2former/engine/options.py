@@ -172,14 +172,14 @@ def _check_known(cls, values: dict, source: str) -> dict:
     return values
 
 
-def _load_yaml(path) -> dict:
+def load_yaml_mapping(path, what: str = 'option names to values') -> dict:
+    """The mapping a ``--config`` YAML file holds (clear errors for a missing file or another kind of content)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f'--config file not found: {path}')
     values = yaml.safe_load(path.read_text()) or {}
     if not isinstance(values, dict):
-        raise ValueError(f'--config {path} must hold a mapping of option names to values, got '
-                         f'{type(values).__name__}')
+        raise ValueError(f'--config {path} must hold a mapping of {what}, got {type(values).__name__}')
     return values
 
 
@@ -204,7 +204,7 @@ def resolve(cls, explicit: dict, recipes: dict, source: str = 'options', saved: 
     values may change only ``RESUME_SAFE`` options (``epochs`` only upwards), anything else that differs is an
     error naming the option and both values."""
     explicit = _check_known(cls, dict(explicit), source)
-    yaml_values = _check_known(cls, _load_yaml(explicit['config']), f'--config {explicit["config"]}') \
+    yaml_values = _check_known(cls, load_yaml_mapping(explicit['config']), f'--config {explicit["config"]}') \
         if explicit.get('config') else {}
     if saved is not None:
         return _resume(cls, explicit, yaml_values, saved, source)

@@ -11,10 +11,11 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import re
-from pathlib import Path
 from typing import Any
 
 import yaml
+
+from ..engine.options import load_yaml_mapping
 
 # options a grid or a sweep config may not set: the sweep decides them per run
 RESERVED = ('resume', 'experiment', 'output', 'seed', 'config')
@@ -140,13 +141,7 @@ def parse_seeds(seeds: Any, where: str) -> list[int]:
 
 def load_sweep_config(path) -> dict:
     """A sweep YAML: ``grid`` (mapping), ``seeds``, optional ``parallel`` / ``task``, and training options."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f'--config file not found: {path}')
-    values = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(values, dict):
-        raise ValueError(f'--config {path} must hold a mapping (grid, seeds and training options), got '
-                         f'{type(values).__name__}')
+    values = load_yaml_mapping(path, 'grid, seeds and training options')
     values = {str(k).replace('-', '_'): v for k, v in values.items()}
     for key in RESERVED:
         if key in values:
