@@ -2,8 +2,10 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import conv2former  # noqa: F401  (registers the models)
 
@@ -16,6 +18,25 @@ ALL_MODELS = HIERARCHICAL + ISOTROPIC
 def tiny_kwargs(name: str) -> dict:
     """Shrink depth (keep widths, kernels, stems, heads) so every registered model runs fast on 2 cores."""
     return dict(depths=(1, 1, 1, 1)) if name in HIERARCHICAL else dict(depth=2)
+
+
+def write_toy_images(root: Path, n_train: int = 12, n_val: int = 6, classes=(('dark', 60), ('bright', 190))) -> Path:
+    """A tiny learnable ImageFolder under ``root``: noisy 32 px squares around each class's grey level."""
+    rng = np.random.default_rng(0)
+    for split, n in (('train', n_train), ('val', n_val)):
+        for cls, base in classes:
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = np.clip(base + rng.normal(0, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f'{i}.png')
+    return root
+
+
+@pytest.fixture(scope='session')
+def toy_images():
+    """``write_toy_images`` for tests that need their own variant of the toy data."""
+    return write_toy_images
 
 
 @pytest.fixture(autouse=True)

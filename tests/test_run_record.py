@@ -12,25 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from conftest import write_toy_images as _toy
 from conv2former.cli import main
 
 TINY = ['--model', 'conv2former_n', '--model-kwargs', 'depths=[1,1,1,1]', '--model-kwargs', 'dims=[16,32,64,128]',
         '--img-size', '32', '--no-progress']
 TINY_KWARGS = ['--model-kwargs', 'depths=[1,1,1,1]', '--model-kwargs', 'dims=[16,32,64,128]']
-
-
-def _toy(root: Path, n_train: int = 12, n_val: int = 6, classes=(('dark', 60), ('bright', 190))) -> Path:
-    rng = np.random.default_rng(0)
-    for split, n in (('train', n_train), ('val', n_val)):
-        for cls, base in classes:
-            folder = root / split / cls
-            folder.mkdir(parents=True)
-            for i in range(n):
-                pixels = np.clip(base + rng.normal(0, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(folder / f'{i}.png')
-    return root
 
 
 def _break(path: Path) -> None:

@@ -23,18 +23,9 @@ ENV = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')
 
 
 @pytest.fixture(scope='module')
-def toy_data(tmp_path_factory) -> Path:
+def toy_data(tmp_path_factory, toy_images) -> Path:
     """A tiny learnable ImageFolder: dark vs bright noisy squares, 2 classes x 24 train / 8 val images."""
-    root = tmp_path_factory.mktemp('toy')
-    rng = np.random.default_rng(0)
-    for split, n in (('train', 24), ('val', 8)):
-        for label, (cls, base) in enumerate((('dark', 60), ('bright', 190))):
-            folder = root / split / cls
-            folder.mkdir(parents=True)
-            for i in range(n):
-                pixels = np.clip(base + rng.normal(0, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(folder / f'{i}.png')
-    return root
+    return toy_images(tmp_path_factory.mktemp('toy'), 24, 8)
 
 
 def _train_args(data, out, name, *extra):

@@ -66,6 +66,11 @@ class Run:
         return self.steps_per_epoch * self.options.grad_accum_steps
 
     @property
+    def lr_every(self) -> int:
+        """Steps between two recorded lr points (about 1000 over the run)."""
+        return max(1, self.num_epochs * self.steps_per_epoch // 1000)
+
+    @property
     def show(self) -> bool:
         return self.env.is_main and self.options.progress
 
@@ -213,8 +218,7 @@ def _optimizer_step(run: Run, step_losses: list, epoch: int, batch: int) -> tupl
     st.scheduler.step_update(num_updates=st.step)
     if st.ema is not None:
         st.ema.update(run.model, step=st.step)
-    lr_every = max(1, run.num_epochs * run.steps_per_epoch // 1000)
-    if st.step % lr_every == 0 or st.step == 1:
+    if st.step % run.lr_every == 0 or st.step == 1:
         st.lr_points.append((st.step, run.lr()))
     return total, not go_on
 

@@ -8,6 +8,7 @@ resolved options are saved as its ``config.yaml``; ``resume`` restores them (see
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import difflib
 from pathlib import Path
@@ -68,12 +69,8 @@ def option(default: Any = None, *flags: str, type: Optional[Callable] = None, he
     meta = dict(flags=flags, type=type, help=help, choices=choices, nargs=nargs, const=const, kind=kind,
                 metavar=metavar, group=group)
     if isinstance(default, (dict, list)):
-        return dataclasses.field(default_factory=lambda: type_copy(default), metadata=meta)
+        return dataclasses.field(default_factory=lambda: copy.copy(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
-
-
-def type_copy(value):
-    return dict(value) if isinstance(value, dict) else list(value)
 
 
 def redefault(cls, name: str, default: Any, **changes) -> Any:
@@ -285,5 +282,6 @@ class RunOptions:
     eval_every: int = option(1, '--eval-every', type=positive_int, help='evaluate every N epochs (and at the end)',
                              group='checkpoints and logging')
 
-    def finalize(self) -> None:
-        """Derive values and check combinations (tasks extend this)."""
+    def finalize(self, training: bool = True) -> None:
+        """Derive values and check combinations (tasks extend this); ``training=False`` when a saved model is
+        evaluated (no training data needed)."""

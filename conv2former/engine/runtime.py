@@ -181,13 +181,12 @@ def out_of_memory(what: str, batch_size: int, grad_accum_steps: int, amp: Option
         f'--grad-checkpointing, --amp bf16.')
 
 
-def find_run(resume) -> tuple[Path, Path, dict, Optional[dict]]:
-    """(run folder, checkpoint, its training state, the run's saved options or None) of ``--resume RUN``."""
+def find_run(resume) -> tuple[Path, Path, Optional[dict]]:
+    """(run folder, checkpoint, the run's saved options or None) of ``--resume RUN``."""
     checkpoint = find_resume_checkpoint(resume)
     run_dir = checkpoint.parent.parent  # <run>/checkpoints/<name>
     config = run_dir / 'config.yaml'
-    saved = yaml.safe_load(config.read_text()) if config.is_file() else None
-    return run_dir, checkpoint, load_train_state(checkpoint), saved
+    return run_dir, checkpoint, yaml.safe_load(config.read_text()) if config.is_file() else None
 
 
 def start_run(options, env: DistEnv, model_id: str, default_name: str
@@ -196,7 +195,8 @@ def start_run(options, env: DistEnv, model_id: str, default_name: str
     overwrite a run or to resume another model's, seed. Nothing is written yet (see ``open_run``). Returns (run
     folder, checkpoint resumed from or None, its training state or None)."""
     if options.resume:
-        run_dir, resume_from, state, _ = find_run(options.resume)
+        run_dir, resume_from, _ = find_run(options.resume)
+        state = load_train_state(resume_from)
         if state['model'] != model_id:
             raise ValueError(f'--resume {resume_from} is a {state["model"]} run, but this run is {model_id}')
     else:

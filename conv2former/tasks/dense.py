@@ -111,8 +111,8 @@ class DenseOptions(RunOptions):
     overlays: int = option(4, '--overlays', type=int, help='prediction PNGs of the first N val images (0: none)',
                            group='checkpoints and logging')
 
-    def finalize(self) -> None:
-        if not self.data:
+    def finalize(self, training: bool = True) -> None:
+        if training and not self.data:
             raise ValueError('training needs --data (a dataset folder or archive)')
         self.decay_milestones = tuple(self.decay_milestones)
 

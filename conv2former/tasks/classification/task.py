@@ -88,7 +88,7 @@ class ClassificationOptions(RunOptions):
     smoothing: float = option(0.1, '--smoothing', type=probability, help='label smoothing',
                               group='data and augmentation')
 
-    def finalize(self) -> None:
+    def finalize(self, training: bool = True) -> None:
         """Resolve 'per-model' drop path and check value combinations."""
         if self.drop_path == 'per-model':
             self.drop_path = DROP_PATH.get(self.model, 0.1)
@@ -139,14 +139,22 @@ class ClassificationTask:
         self._datasets = (train, val)  # build_model gives them the model's transforms
         return train, val
 
-    def _data_config_on_meta(self) -> dict:
-        """The data config ``build_model`` will resolve, from the model built on the meta device (no memory)."""
+    def _check_model(self) -> None:
         o = self.options
         if not timm.is_model(o.model):
             raise ValueError(f'unknown model {o.model!r}; registered Conv2Former models: {", ".join(MODEL_NAMES)}')
-        model = timm.create_model(o.model, device='meta', **o.model_kwargs)
+        check_model_kwargs(o.model, o.model_kwargs)
+
+    def _data_config(self, model: nn.Module) -> dict:
+        """The preprocessing of ``model`` at the run's image size and interpolation."""
+        o = self.options
         return resolve_data_config(dict(img_size=o.img_size, interpolation=o.interpolation), model=model,
                                    verbose=False)
+
+    def _data_config_on_meta(self) -> dict:
+        """The data config ``build_model`` will resolve, from the model built on the meta device (no memory)."""
+        self._check_model()
+        return self._data_config(timm.create_model(self.options.model, device='meta', **self.options.model_kwargs))
 
     def log_data(self, train: Dataset, val: Dataset) -> None:
         for skipped_path, reason in train.skipped + val.skipped:
@@ -159,16 +167,12 @@ class ClassificationTask:
         """The timm model, with the data config saved in its pretrained cfg (so validate/predict preprocess as this
         run evaluated); also sets the datasets' transforms, the mixup and the loss."""
         o = self.options
-        if not timm.is_model(o.model):
-            raise ValueError(f'unknown model {o.model!r}; registered Conv2Former models: '
-                             f'{", ".join(MODEL_NAMES)}')
-        check_model_kwargs(o.model, o.model_kwargs)
+        self._check_model()
         kwargs = dict(o.model_kwargs, num_classes=len(class_names), drop_path_rate=o.drop_path, drop_rate=o.drop)
         if o.pretrained and not resuming:
             kwargs.update(pretrained=True, pretrained_cfg_overlay=pretrained_overlay(o.pretrained))
         model = timm.create_model(o.model, **kwargs)
-        self.data_config = resolve_data_config(dict(img_size=o.img_size, interpolation=o.interpolation), model=model,
-                                               verbose=False)
+        self.data_config = self._data_config(model)
         cfg_without_weights = {k: v for k, v in model.pretrained_cfg.items() if k != 'state_dict'}
         model.pretrained_cfg = model.default_cfg = dict(cfg_without_weights, num_classes=len(class_names),
                                                         **self.data_config)

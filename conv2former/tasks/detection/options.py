@@ -31,6 +31,6 @@ class DetectionOptions(DenseOptions):
     skip_empty: bool = option(False, '--skip-empty', kind='flag', help='skip training images without annotations',
                               group='data and augmentation')
 
-    def finalize(self) -> None:
-        super().finalize()
+    def finalize(self, training: bool = True) -> None:
+        super().finalize(training)
         self.min_size = tuple(self.min_size)

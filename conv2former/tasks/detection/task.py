@@ -122,10 +122,10 @@ class DetectionTask(DenseTask):
 
     @classmethod
     def from_config(cls, config: dict, args: argparse.Namespace) -> 'DetectionTask':
-        options = DetectionOptions(data=getattr(args, 'data', None) or 'none', model=config['model'],
+        options = DetectionOptions(data=getattr(args, 'data', None), model=config['model'],
                                    backbone=config['backbone'], holdout=getattr(args, 'holdout', None) or 50,
                                    workers=getattr(args, 'workers', 0))
-        options.finalize()
+        options.finalize(training=False)  # evaluation / prediction: data only where the command has it
         task = cls(options)
         task.config, task.eval_batch_size = config, getattr(args, 'batch_size', 2)
         return task

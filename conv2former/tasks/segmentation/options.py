@@ -58,8 +58,8 @@ class SegmentationOptions(DenseOptions):
     eval_flip: bool = option(False, '--eval-flip', kind='bool', group=INFERENCE,
                              help='average with the horizontally flipped image')
 
-    def finalize(self) -> None:
-        super().finalize()
+    def finalize(self, training: bool = True) -> None:
+        super().finalize(training)
         self.crop_size = pair(self.crop_size, '--crop-size')
         if any(c % 32 for c in self.crop_size):
             raise ValueError(f'--crop-size must be a multiple of 32 (UperNet downsamples 32x), got {self.crop_size}')

@@ -132,11 +132,11 @@ class SegmentationTask(DenseTask):
             inference['stride'] = [max(1, c * 2 // 3) for c in inference['crop_size']]
         if getattr(args, 'eval_stride', None):
             inference['stride'] = list(pair(args.eval_stride, '--eval-stride'))
-        options = SegmentationOptions(data=getattr(args, 'data', None) or 'none', backbone=config['backbone'],
+        options = SegmentationOptions(data=getattr(args, 'data', None), backbone=config['backbone'],
                                       ignore_index=config.get('ignore_index', 255),
                                       reduce_zero_label=config.get('reduce_zero_label'),
                                       class_names=config['class_names'], workers=getattr(args, 'workers', 0))
-        options.finalize()
+        options.finalize(training=False)  # evaluation / prediction: data only where the command has it
         task = cls(options)
         task.config, task.settings = config, inference
         return task
