@@ -38,10 +38,25 @@ def _cpu_seconds() -> float:
     return total
 
 
-def _rate(batches, n: int, batch_size: int, step=lambda b: b, cpu: list = None) -> float:
-    """Images per second over ``n`` batches of the iterator ``batches`` (after one warm-up batch); appends the CPU
-    milliseconds per image to ``cpu``."""
-    step(next(batches))
+def _settle(timeout: float = 10.0) -> None:
+    """Wait until this process's DataLoader workers are idle (their prefetch queues full): otherwise the previous
+    path's workers keep decoding during the next path's timing and it pays for their CPU."""
+    end, last = time.perf_counter() + timeout, _cpu_seconds()
+    while time.perf_counter() < end:
+        time.sleep(0.25)
+        now = _cpu_seconds()
+        if now - last < 0.03:
+            return
+        last = now
+
+
+def _rate(batches, n: int, batch_size: int, step=lambda b: b, cpu: list = None, warmup: int = 1) -> float:
+    """Images per second over ``n`` batches of the iterator ``batches``, once the workers of any other loader are
+    idle and after ``warmup`` batches (for a loader with workers: those its workers prefetched while idle, so that
+    the rate is the steady state's); appends the CPU milliseconds per image to ``cpu``."""
+    _settle()
+    for _ in range(warmup):
+        step(next(batches))
     start, cpu_start = time.perf_counter(), _cpu_seconds()
     for _ in range(n):
         step(next(batches))
@@ -68,9 +83,9 @@ def tensor_path(root: Path, args):
     start = time.perf_counter()
     train, _ = cached_datasets(root, config)
     cache_seconds = time.perf_counter() - start
-    # as the engine loads it: batches fetched whole (in the workers), augmented in the main process
-    loader = DataLoader(SeededDataset(train, 0), batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
-                        drop_last=True, collate_fn=pass_batch, persistent_workers=args.workers > 0)
+    # as the engine loads it: batches fetched whole and augmented in the training process (no workers)
+    loader = DataLoader(SeededDataset(train, 0), batch_size=args.batch_size, shuffle=True, num_workers=0,
+                        drop_last=True, collate_fn=pass_batch)
     return loader, BatchAugment(args.img_size, scale=(0.6, 1.0), hflip=0.5), cache_seconds
 
 
@@ -108,7 +123,8 @@ def main() -> None:
     p.add_argument('--data', default='/work/shared/datasets/imagenette2-128.tar.gz')
     p.add_argument('--img-size', type=int, default=128)
     p.add_argument('-b', '--batch-size', type=int, default=64)
-    p.add_argument('-j', '--workers', type=int, default=2, help='DataLoader workers of both paths')
+    p.add_argument('-j', '--workers', type=int, default=2, help='DataLoader workers of the PIL path (the tensor path '
+                   'loads in the training process, as the engine does)')
     p.add_argument('--batches', type=int, default=20, help='timed batches per round')
     p.add_argument('--rounds', type=int, default=3)
     p.add_argument('--train-steps', type=int, default=3, help='timed training steps per path (0: skip)')
@@ -120,8 +136,9 @@ def main() -> None:
     pil, tensor = forever(pil_loader(find_split(root, 'train'), args)), forever(loader)
     # tensor_fetch: the host's share when the augmentation runs on a GPU (batches fetched, not augmented)
     rates, cpu_ms = dict(pil=[], tensor=[], kornia=[], tensor_fetch=[]), dict(pil=[], tensor=[], tensor_fetch=[])
+    pil_prefetched = 2 * args.workers  # DataLoader's default prefetch_factor is 2 per worker
     for r in range(args.rounds):
-        rates['pil'].append(_rate(pil, args.batches, args.batch_size, cpu=cpu_ms['pil']))
+        rates['pil'].append(_rate(pil, args.batches, args.batch_size, cpu=cpu_ms['pil'], warmup=pil_prefetched + 1))
         rates['tensor'].append(_rate(tensor, args.batches, args.batch_size, lambda b: augment(b[0]),
                                      cpu=cpu_ms['tensor']))
         rates['tensor_fetch'].append(_rate(tensor, args.batches, args.batch_size, cpu=cpu_ms['tensor_fetch']))

@@ -65,6 +65,10 @@ def test_the_cli_and_the_api_build_the_same_options(tmp_path):
     from_api = build_options('classification', dict(recipe='small', model_kwargs=dict(kernel_size=7, depths=[1, 1, 1, 1]),
                                                     batch_size=8, progress=False, scale=(0.5, 1)))
     assert from_cli == from_api
+    # timm's train.py form: several key=value pairs after one --model-kwargs
+    timm_form = vars(build_parser().parse_args(['train', '--model-kwargs', 'kernel_size=7', 'depths=[1,1,1,1]', '-b', '8']))
+    assert build_options('classification', {k: v for k, v in timm_form.items() if k not in ('func', 'command')}
+                         ).model_kwargs == dict(kernel_size=7, depths=[1, 1, 1, 1])
 
 
 def test_a_missing_extra_names_the_pip_command(monkeypatch, capsys):

@@ -92,6 +92,28 @@ def test_batch_augment_shapes_ranges_identity_and_flip():
         BatchAugment(16)(square.float())
 
 
+def test_batch_augment_cpu_and_accelerator_implementations_agree():
+    """The per-image uint8 resize (CPU) and the batched grid_sample (accelerators) are one resampling: same boxes ->
+    the same pixels up to the CPU path's rounding, enlarging and shrinking; a box of the output size is copied."""
+    images = torch.randint(0, 256, (16, 3, 40, 36), dtype=torch.uint8)
+    for size, scale in ((40, (0.3, 1.0)), (24, (0.3, 1.0)), (64, (0.05, 1.0))):
+        aug = BatchAugment(size, scale=scale)
+        torch.manual_seed(size)
+        boxes, flips = aug.boxes(16, 40, 36)
+        assert (boxes[:, :2] >= 0).all() and (boxes[:, 0] + boxes[:, 2] <= 36).all()
+        assert (boxes[:, 1] + boxes[:, 3] <= 40).all() and flips.any() and not flips.all()
+        scale_, shift = aug._normalisation('cpu')
+        grid = (aug.resample_grid(images, boxes, flips) - shift) / scale_
+        per_image = aug.resize_each(images, boxes, flips).float()
+        assert (grid - per_image).abs().max() <= 1 + 1e-3, size
+    aug = BatchAugment(8)
+    boxes, flips = torch.tensor([[5, 3, 8, 8], [0, 0, 8, 8]]), torch.tensor([False, True])
+    expected = torch.stack([images[0, :, 3:11, 5:13], images[1, :, :8, :8].flip(-1)]).float()
+    assert torch.equal(aug.resize_each(images[:2], boxes, flips).float(), expected)
+    scale_, shift = aug._normalisation('cpu')
+    assert torch.allclose((aug.resample_grid(images[:2], boxes, flips) - shift) / scale_, expected, atol=1e-3)
+
+
 def test_batch_augment_is_seeded():
     images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
     aug = BatchAugment(24, scale=(0.2, 1.0))

@@ -231,7 +231,8 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
     run.sampler.set_epoch(epoch)
     skip = st.next_batch if epoch == st.epoch else 0
     indices = list(run.sampler)[skip * o.batch_size:run.micro_per_epoch * o.batch_size]
-    loader = DataLoader(run.seeded_train, batch_size=o.batch_size, sampler=indices, num_workers=o.workers,
+    workers = 0 if run.seeded_train.batched else o.workers
+    loader = DataLoader(run.seeded_train, batch_size=o.batch_size, sampler=indices, num_workers=workers,
                         drop_last=True, collate_fn=run.task.collate, pin_memory=env.device.type == 'cuda')
     run.train_model.train()
     loss_sum, loss_count, seen = st.epoch_loss if skip else (0.0, 0, 0)

@@ -65,7 +65,8 @@ def option(default: Any = None, *flags: str, type: Optional[Callable] = None, he
            choices: Optional[Sequence] = None, nargs: Any = None, const: Any = None, kind: str = 'value',
            metavar: Any = None, group: str = 'setup') -> Any:
     """A dataclass field that is also a command-line flag. ``kind``: 'value', 'flag' (store_true), 'no-flag'
-    (``--no-x`` stores False), 'bool' (``--x/--no-x``), 'keywords' (repeatable key=value, merged into a dict)."""
+    (``--no-x`` stores False), 'bool' (``--x/--no-x``), 'keywords' (key=value pairs, one or more per flag as in
+    timm's train.py, the flag repeatable, merged into a dict)."""
     meta = dict(flags=flags, type=type, help=help, choices=choices, nargs=nargs, const=const, kind=kind,
                 metavar=metavar, group=group)
     if isinstance(default, (dict, list)):
@@ -103,7 +104,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
         elif meta['kind'] == 'bool':
             kwargs.update(action=argparse.BooleanOptionalAction)
         elif meta['kind'] == 'keywords':
-            kwargs.update(action='append', type=keyword, metavar=meta['metavar'] or 'KEY=VALUE')
+            kwargs.update(action='extend', nargs='+', type=keyword, metavar=meta['metavar'] or 'KEY=VALUE')
         else:
             kwargs.update(type=meta['type'], choices=meta['choices'], nargs=meta['nargs'], metavar=meta['metavar'])
             if meta['const'] is not None:

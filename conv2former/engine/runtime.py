@@ -104,10 +104,16 @@ class SeededDataset(Dataset):
         seed_all(derive_seed(self.seed, self.epoch, index))
         return self.dataset[index]
 
+    @property
+    def batched(self) -> bool:
+        """Batches are one gather from memory (the tensor cache): loaded in the training process, since worker
+        processes would add more inter-process copying than they take off it."""
+        return getattr(self.dataset, 'batched', False)
+
     def __getitems__(self, indices: list):
         """A whole batch at once from datasets that draw no random numbers (``batched = True``, e.g. the tensor
         cache: its collate passes the batch through); else the samples one by one, each seeded."""
-        if getattr(self.dataset, 'batched', False):
+        if self.batched:
             return self.dataset.__getitems__(indices)
         return [self[i] for i in indices]
 

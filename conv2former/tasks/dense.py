@@ -91,7 +91,7 @@ class DenseOptions(RunOptions):
     val_split: str = option('val', '--val-split')
     backbone: str = option('conv2former_t', '--backbone', help='hierarchical timm model name', group='model')
     backbone_kwargs: dict = option({}, '--backbone-kwargs', kind='keywords', group='model',
-                                   help='backbone constructor keywords, e.g. kernel_size=7 (repeatable)')
+                                   help='backbone constructor keywords, e.g. kernel_size=7 depths=[1,1,3,1]')
     pretrained_backbone: Optional[Path] = option(None, '--pretrained-backbone', type=Path, group='model',
                                                  help='classification weights: our model or run folder, '
                                                       '.safetensors, or upstream .pth/.pth.tar')

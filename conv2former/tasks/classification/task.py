@@ -49,7 +49,7 @@ class ClassificationOptions(RunOptions):
     model: str = option('conv2former_n', '--model', help='registered model name', group='model')
     grad_checkpointing: bool = option(False, '--grad-checkpointing', kind='flag', group='model')
     model_kwargs: dict = option({}, '--model-kwargs', kind='keywords', group='model',
-                                help='extra model constructor keywords, e.g. --model-kwargs kernel_size=7 (repeatable)')
+                                help='extra model constructor keywords, e.g. --model-kwargs kernel_size=7 depths=[1,1,3,1]')
     pretrained: Optional[Path] = option(None, '--pretrained', type=Path, group='model',
                                         help='initial weights: our model folder / .safetensors or an upstream '
                                              '.pth/.pth.tar (classifier re-initialised if classes differ)')
