@@ -2,6 +2,7 @@
 skips unreadable images as the PIL path does, augments batches with the right shapes and ranges, is seeded, and a
 run resumed mid-epoch ends bit-identical to one that was not interrupted."""
 import json
+import random
 import shutil
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from conv2former.tasks.classification.data import ImageFolderDataset
 from conv2former.tasks.classification.tensor_data import BatchAugment, TensorImageDataset, build_tensor_cache
 
 TINY = dict(model='conv2former_n', model_kwargs={'depths': [1, 1, 1, 1], 'dims': [8, 8, 16, 16]}, img_size=32,
-            workers=0, progress=False, recipe='small', warmup_epochs=0)
+            workers=2, progress=False, recipe='small', warmup_epochs=0)
 
 
 def _tree(root: Path, per_class=(12, 4)) -> Path:
@@ -114,6 +115,25 @@ def test_batch_augment_cpu_and_accelerator_implementations_agree():
     assert torch.allclose((aug.resample_grid(images[:2], boxes, flips) - shift) / scale_, expected, atol=1e-3)
 
 
+def test_batch_augment_random_erasing_replaces_one_rectangle_per_image():
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    torch.manual_seed(5)
+    plain = BatchAugment(32, scale=(0.5, 1.0))(images)
+    for seed, prob in ((5, 1.0), (6, 0.0)):
+        torch.manual_seed(5)
+        random.seed(seed)
+        erased = BatchAugment(32, scale=(0.5, 1.0), re_prob=prob)(images)
+        for a, b in zip(plain, erased):
+            changed = (a != b).any(0)
+            if prob == 0:
+                assert not changed.any()
+                continue
+            rows, cols = changed.any(1).nonzero().flatten(), changed.any(0).nonzero().flatten()
+            assert len(rows) and len(cols)  # one filled rectangle (noise may match by chance in a pixel or two)
+            box = changed[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+            assert box.float().mean() > 0.95 and changed.sum() == box.sum()
+
+
 def test_batch_augment_is_seeded():
     images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
     aug = BatchAugment(24, scale=(0.2, 1.0))
@@ -129,7 +149,7 @@ def test_batch_augment_is_seeded():
 def test_training_on_the_cache_resumes_mid_epoch_bit_identical(tmp_path, monkeypatch):
     monkeypatch.setenv('CONV2FORMER_CACHE', str(tmp_path / 'cache'))
     data = _tree(tmp_path / 'data')
-    common = dict(TINY, data=str(data), data_cache=True, epochs=2, batch_size=4, checkpoint_steps=2,
+    common = dict(TINY, data=str(data), data_cache=True, epochs=2, batch_size=4, checkpoint_steps=2, reprob=0.5,
                   checkpoint_hist=100, output=tmp_path)
     straight = conv2former.train(experiment='straight', **common)
     assert 0 <= straight['val_top1'] <= 100 and straight['epoch'] == 2  # epochs count from 1

@@ -44,7 +44,7 @@ class ClassificationOptions(RunOptions):
     strict: bool = option(False, '--strict', kind='flag', help='fail on unreadable images instead of skipping them')
     data_cache: bool = option(False, '--data-cache', kind='flag',
                               help='decode the images once into a uint8 tensor cache and augment whole batches on '
-                                   'the training device (crop + flip only; see tensor_data.py)')
+                                   'the training device (crop, flip, random erasing; see tensor_data.py)')
 
     model: str = option('conv2former_n', '--model', help='registered model name', group='model')
     grad_checkpointing: bool = option(False, '--grad-checkpointing', kind='flag', group='model')
@@ -202,7 +202,8 @@ class ClassificationTask:
             from .tensor_data import BatchAugment, pass_batch
             self.collate = pass_batch
             self.batch_augment = BatchAugment(self.data_config['input_size'][-1], scale=o.scale, hflip=o.hflip,
-                                              mean=self.data_config['mean'], std=self.data_config['std'])
+                                              mean=self.data_config['mean'], std=self.data_config['std'],
+                                              re_prob=o.reprob)
             return
         train.transform = create_transform(
             **self.data_config, is_training=True, scale=o.scale, hflip=o.hflip, color_jitter=o.color_jitter,

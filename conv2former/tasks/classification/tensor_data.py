@@ -10,7 +10,8 @@ random-resized-crop and horizontal flip in *one* bilinear resampling per image (
 accelerator one batched ``grid_sample``), and normalisation. The crop boxes and flips are drawn from torch's global CPU generator, which the
 engine seeds per (seed, rank, epoch, batch index) before every batch: augmentation is reproducible and a resumed run
 continues bit-identically (on CPU). Its numbers need not equal the PIL pipeline's. Mixup/CutMix run afterwards, as in
-the PIL path. Colour jitter, auto-augment and random erasing are not done by this path (options are refused).
+the PIL path, and random erasing (timm's ``RandomErasing`` on the normalised batch, as timm's GPU prefetcher does it).
+Colour jitter and auto-augment are not done by this path (those options are refused).
 
 Unreadable images are skipped when the cache is built and counted (``num_skipped``/``skipped``) as in the PIL path;
 ``strict`` raises instead.
@@ -165,6 +166,8 @@ class BatchAugment:
     by bilinear interpolation (``align_corners=False``, no antialiasing), then flipped with probability ``hflip``.
     Parameters come from torch's global CPU generator (seeded by the engine), so both devices draw the same boxes.
 
+    With ``re_prob`` > 0, timm's random erasing follows on the normalised batch.
+
     Two implementations of the same resampling: on the CPU each crop is resized by ``F.interpolate`` on its uint8
     channels-last view (torch's vectorised uint8 kernel; ~5x faster than one batched ``grid_sample`` in float on
     two cores), then the batch is normalised; on an accelerator one batched ``grid_sample`` over per-image sampling
@@ -172,8 +175,8 @@ class BatchAugment:
     CPU path's rounding to uint8 (<= 1 grey level)."""
 
     def __init__(self, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5,
-                 mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
-        self.size, self.scale, self.hflip = size, tuple(scale), hflip
+                 mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), re_prob: float = 0.0):
+        self.size, self.scale, self.hflip, self.re_prob = size, tuple(scale), hflip, re_prob
         self.log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
         self.mean, self.std = torch.tensor(mean), torch.tensor(std)
 
@@ -196,8 +199,13 @@ class BatchAugment:
         boxes, flips = self.boxes(images.shape[0], images.shape[2], images.shape[3])
         if images.device.type == 'cpu':
             scale, shift = self._normalisation(images.device)
-            return self.resize_each(images, boxes, flips).float().mul_(scale).add_(shift)
-        return self.resample_grid(images, boxes, flips)
+            out = self.resize_each(images, boxes, flips).float().mul_(scale).add_(shift)
+        else:
+            out = self.resample_grid(images, boxes, flips)
+        if self.re_prob > 0:  # in place, one patch of per-pixel normal noise per erased image (timm's 'pixel' mode)
+            from timm.data.random_erasing import RandomErasing
+            RandomErasing(self.re_prob, mode='pixel', max_count=1, device=out.device)(out)
+        return out
 
     def _normalisation(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, shift) of uint8 pixels to normalised values, shaped (1, 3, 1, 1)."""
@@ -274,9 +282,10 @@ def check_cache_options(options) -> None:
     if is_timm_source(options.data):
         raise ValueError(f'--data-cache needs an ImageFolder tree or archive, not the timm source {options.data}')
     unsupported = [(flag, value) for flag, value, off in (
-        ('--color-jitter', options.color_jitter, 0), ('--aa', options.aa, None), ('--reprob', options.reprob, 0))
+        ('--color-jitter', options.color_jitter, 0), ('--aa', options.aa, None))
         if value != off and value is not None]
     if unsupported:
         flag, value = unsupported[0]
-        raise ValueError(f'--data-cache augments batches with random-resized-crop and flip only; {flag} {value} is '
-                         f'not supported there: drop it (or set it off; --recipe small does), or drop --data-cache')
+        raise ValueError(f'--data-cache augments batches with random-resized-crop, flip and random erasing only; '
+                         f'{flag} {value} is not supported there: drop it (or set it off; --recipe small does), or '
+                         f'drop --data-cache')
