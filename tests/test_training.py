@@ -92,6 +92,20 @@ def test_resume_after_sigkill_gives_identical_weights(tmp_path, toy_data):
     assert losses[0] == pytest.approx(losses[1], rel=1e-9)
 
 
+def test_resuming_with_more_epochs_follows_the_longer_schedule(tmp_path, toy_data):
+    """``--resume RUN --epochs 4`` after 2 epochs: from then on the learning rate is the 4-epoch cosine's (the
+    2-epoch schedule would hold the minimum lr), as in timm's train.py."""
+    common = ['-b', '8', '--warmup-epochs', '0', '--lr', '1e-3', '--min-lr', '1e-5', '--drop-path', '0']
+    assert main(_train_args(toy_data, tmp_path, 'four', '--epochs', '4', *common)) == 0
+    assert main(_train_args(toy_data, tmp_path, 'two', '--epochs', '2', *common)) == 0
+    assert main(['train', '--resume', str(tmp_path / 'two'), '--epochs', '4']) == 0
+    four, two = ({row['step']: row['lr'] for row in map(json.loads, (tmp_path / name / 'lr_schedule.jsonl')
+                                                          .read_text().splitlines())} for name in ('four', 'two'))
+    later = [step for step in four if step > 2 * 48 // 8]  # 2 classes x 24 images, batch 8
+    assert later and [two[s] for s in later] == pytest.approx([four[s] for s in later])
+    assert two[later[0]] > 2e-4  # mid-cosine, not the minimum
+
+
 def test_two_process_torchrun_matches_one_process(tmp_path, toy_data):
     """gloo DDP with 2 ranks x batch 4 == 1 process x batch 8 (no BatchNorm: patch stem; no drop path)."""
     common = ['--epochs', '1', '--drop-path', '0', '--lr', '1e-3', '--warmup-epochs', '0', '--model-kwargs',
@@ -106,6 +120,7 @@ def test_two_process_torchrun_matches_one_process(tmp_path, toy_data):
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
     history = [json.loads(line) for line in (tmp_path / 'two' / 'metrics.jsonl').read_text().splitlines()]
     assert history[-1]['step'] == 48 // 8  # steps count global batches
+    assert result.stdout.count('final: top-1') == 1, result.stdout  # rank 0 reports; rank 1 holds no best epoch
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path, toy_data, monkeypatch, capsys):

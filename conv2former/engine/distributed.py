@@ -50,6 +50,12 @@ class DistEnv:
         return bool(t.item())
 
 
+def launched_as_main() -> bool:
+    """Whether this process is rank 0 of its launch (torchrun's ``RANK``; a plain process is): the one that prints
+    results for people, since other ranks do not hold the run's bookkeeping (best epoch, files)."""
+    return int(os.environ.get('RANK', 0)) == 0
+
+
 def init_distributed(device: Optional[str] = None) -> DistEnv:
     """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK and join the process group when there are several ranks."""
     world_size = int(os.environ.get('WORLD_SIZE', 1))

@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 from safetensors.torch import load_file
+from timm.scheduler import PlateauLRScheduler
 
 from .distributed import DistEnv
 
@@ -154,10 +155,14 @@ class TrainState:
         if self.ema is not None and ema_file.is_file():
             self.ema.module.load_state_dict(load_file(str(ema_file), device=str(env.device)))
         self.optimizer.load_state_dict(state['optimizer'])
-        self.scheduler.load_state_dict(state['scheduler'])
+        if isinstance(self.scheduler, PlateauLRScheduler):  # the one schedule whose state is progress
+            self.scheduler.load_state_dict(state['scheduler'])
         self.scaler.load_state_dict(state['scaler'])
         set_rng_state(state['rng'])
         self.epoch, self.next_batch, self.step = state['epoch'], state['next_batch'], state['step']
+        # the others are functions of the step, built from this run's options (--epochs may have grown): the learning
+        # rate of the next step follows the schedule as it stands now, as timm's train.py rebuilds it on resume
+        self.scheduler.step_update(self.step)
         self.history, self.best = state['history'], state['best']
         if self.best is not None and 'value' not in self.best:  # classification checkpoints before the engine
             self.best = dict(epoch=self.best['epoch'], metric='val_top1', value=self.best['val_top1'])

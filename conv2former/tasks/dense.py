@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from ..data import canonical_split, load_rgb
-from ..engine.distributed import DistEnv, init_distributed
+from ..engine.distributed import DistEnv, init_distributed, launched_as_main
 from ..engine.options import (RunOptions, add_arguments, non_negative_float, option, positive_int, probability,
                               redefault)
 from ..engine.record import from_record, refuse_train_overlap, run_record
@@ -351,6 +351,8 @@ def cmd_train(task: str, args: argparse.Namespace) -> int:
     metric, shown_keys = task_cls.best_metric, set(task_cls.curves.values())
     shown = ', '.join(f'{k} {v:.2f}' for k, v in final.items() if isinstance(v, float) and k in shown_keys)
     best = final.get(f'best_{metric}')
+    if not launched_as_main():
+        return 0
     print(f'final: {shown or "no evaluation"}  (best {metric}: {"–" if best is None else f"{best:.2f}"})  '
           f'run folder: {final["run_dir"]}')
     return 0

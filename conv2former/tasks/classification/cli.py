@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ...engine.distributed import launched_as_main
 from ...engine.options import add_arguments, keywords, positive_int
 from .task import ClassificationOptions
 
@@ -18,7 +19,7 @@ def _explicit(args: argparse.Namespace) -> dict:
 def _cmd_train(args: argparse.Namespace) -> int:
     from ...api import train
     final = train('classification', **_explicit(args))
-    if final.get('val_top1') is not None:
+    if final.get('val_top1') is not None and launched_as_main():
         print(f'final: top-1 {final["val_top1"]:.2f}%  top-5 {final["val_top5"]:.2f}%  '
               f'(best {final.get("best_top1", final["val_top1"]):.2f}%)  run folder: {final["run_dir"]}')
     return 0
