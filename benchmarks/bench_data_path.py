@@ -77,7 +77,8 @@ def pil_loader(train_dir: Path, args):
 
 def tensor_path(root: Path, args):
     from conv2former.engine.runtime import SeededDataset
-    from conv2former.tasks.classification.tensor_data import BatchAugment, cached_datasets, pass_batch
+    from conv2former.tasks.classification.batch_augment import BatchAugment
+    from conv2former.tasks.classification.tensor_data import cached_datasets, pass_batch
     config = dict(input_size=(3, args.img_size, args.img_size), interpolation='bilinear', crop_pct=0.875,
                   crop_mode='center', mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
     start = time.perf_counter()

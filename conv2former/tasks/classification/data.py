@@ -223,3 +223,24 @@ def build_timm_datasets(name: str, root: str | os.PathLike | None = None, downlo
         raise ValueError(f'{name}: train and validation class names differ: {train_names} vs {val_names}')
     _require_two_classes(train_names, name)
     return TimmSourceDataset(splits[0], train_names), TimmSourceDataset(splits[1], train_names), train_names
+
+
+def _posterize_any_bits(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """timm's posterize, with 0 bits giving a black image as Pillow < 12 gave it (Pillow >= 12 raises for 0 bits)."""
+    from PIL import ImageOps
+    if bits_to_keep >= 8:
+        return img
+    return ImageOps.posterize(img, bits_to_keep) if bits_to_keep > 0 else Image.new(img.mode, img.size)
+
+
+def allow_zero_bit_posterize(transform) -> Any:
+    """Make the RandAugment steps of a timm transform survive 0-bit posterize: timm's increasing policies (the
+    paper's ``rand-m9-mstd0.5-inc1``) draw 0 bits at magnitude >= 10 (about 1 image in 1,000 with mstd 0.5), which
+    Pillow >= 12 refuses with a ValueError that stops training. Returns ``transform``, changed in place."""
+    from timm.data.auto_augment import RandAugment
+    for step in getattr(transform, 'transforms', []):
+        if isinstance(step, RandAugment):
+            for op in step.ops:
+                if op.name.startswith('Posterize'):
+                    op.aug_fn = _posterize_any_bits
+    return transform

@@ -20,7 +20,7 @@ from ...engine.distributed import DistEnv
 from ...engine.options import RunOptions, non_negative_float, option, positive_int, probability, redefault
 from ...data import resolve_data_dir
 from ...fileio import pretrained_overlay, write_model_folder
-from .data import build_datasets, build_timm_datasets, is_timm_source
+from .data import allow_zero_bit_posterize, build_datasets, build_timm_datasets, is_timm_source
 from .evaluate import evaluate, save_confusion_matrix_png, write_results
 from .recipes import DROP_PATH, RECIPES
 from ...models import MODEL_NAMES
@@ -44,12 +44,13 @@ class ClassificationOptions(RunOptions):
     strict: bool = option(False, '--strict', kind='flag', help='fail on unreadable images instead of skipping them')
     data_cache: bool = option(False, '--data-cache', kind='flag',
                               help='decode the images once into a uint8 tensor cache and augment whole batches on '
-                                   'the training device (crop, flip, random erasing; see tensor_data.py)')
+                                   'the training device (crop, flip, RandAugment or colour jitter, random erasing: '
+                                   'see batch_augment.py)')
 
     model: str = option('conv2former_n', '--model', help='registered model name', group='model')
     grad_checkpointing: bool = option(False, '--grad-checkpointing', kind='flag', group='model')
     model_kwargs: dict = option({}, '--model-kwargs', kind='keywords', group='model',
-                                help='extra model constructor keywords, e.g. --model-kwargs kernel_size=7 depths=[1,1,3,1]')
+                                help='extra model constructor keywords, e.g. kernel_size=7 depths=[1,1,3,1]')
     pretrained: Optional[Path] = option(None, '--pretrained', type=Path, group='model',
                                         help='initial weights: our model folder / .safetensors or an upstream '
                                              '.pth/.pth.tar (classifier re-initialised if classes differ)')
@@ -199,15 +200,16 @@ class ClassificationTask:
     def set_transforms(self, train: Dataset, val: Dataset) -> None:
         o = self.options
         if o.data_cache:  # the cache holds preprocessed images; training batches are augmented in ``loss``
-            from .tensor_data import BatchAugment, pass_batch
+            from .batch_augment import BatchAugment
+            from .tensor_data import pass_batch
             self.collate = pass_batch
             self.batch_augment = BatchAugment(self.data_config['input_size'][-1], scale=o.scale, hflip=o.hflip,
                                               mean=self.data_config['mean'], std=self.data_config['std'],
-                                              re_prob=o.reprob)
+                                              re_prob=o.reprob, aa=o.aa, color_jitter=o.color_jitter)
             return
-        train.transform = create_transform(
+        train.transform = allow_zero_bit_posterize(create_transform(
             **self.data_config, is_training=True, scale=o.scale, hflip=o.hflip, color_jitter=o.color_jitter,
-            auto_augment=o.aa, re_prob=o.reprob, re_mode='pixel', re_count=1)
+            auto_augment=o.aa, re_prob=o.reprob, re_mode='pixel', re_count=1))
         val.transform = create_transform(**self.data_config)
 
     def optimizer(self, model: nn.Module, world_size: int) -> torch.optim.Optimizer:

@@ -5,13 +5,11 @@ content of the image files, the class list, the split's preprocessing and the si
 cache. The training split is stored squashed to ``img_size`` x ``img_size``; the validation split exactly as the
 evaluation transform gives it (resize + center crop), so validation preprocessing is done once.
 
-Training batches are drawn from memory as uint8 and augmented batch-wise on the training device by ``BatchAugment``:
-random-resized-crop and horizontal flip in *one* bilinear resampling per image (on the CPU per image on uint8, on an
-accelerator one batched ``grid_sample``), and normalisation. The crop boxes and flips are drawn from torch's global CPU generator, which the
-engine seeds per (seed, rank, epoch, batch index) before every batch: augmentation is reproducible and a resumed run
-continues bit-identically (on CPU). Its numbers need not equal the PIL pipeline's. Mixup/CutMix run afterwards, as in
-the PIL path, and random erasing (timm's ``RandomErasing`` on the normalised batch, as timm's GPU prefetcher does it).
-Colour jitter and auto-augment are not done by this path (those options are refused).
+Training batches are drawn from memory as uint8 and augmented batch-wise on the training device by
+``batch_augment.BatchAugment`` (crop, flip, RandAugment or colour jitter, normalisation, random erasing, as timm's PIL
+transform does them). Its random draws come from the global generators, which the engine seeds per (seed, rank,
+epoch, batch index) before every batch: augmentation is reproducible and a resumed run continues bit-identically (on
+CPU). Its numbers need not equal the PIL pipeline's. Mixup/CutMix run afterwards, as in the PIL path.
 
 Unreadable images are skipped when the cache is built and counted (``num_skipped``/``skipped``) as in the PIL path;
 ``strict`` raises instead.
@@ -21,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -30,13 +27,13 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from ...data import _default_cache_dir, load_rgb
+from .batch_augment import BatchRandAugment
 from .data import ImageFolderDataset
 
-__all__ = ['BatchAugment', 'TensorImageDataset', 'build_tensor_cache', 'cached_datasets']
+__all__ = ['TensorImageDataset', 'build_tensor_cache', 'cached_datasets']
 
 _logger = logging.getLogger(__name__)
 CACHE_VERSION = 1
@@ -160,87 +157,6 @@ def pass_batch(batch):
     return batch
 
 
-class BatchAugment:
-    """Random-resized-crop + horizontal flip + normalisation of a uint8 (B, 3, H, W) batch on its device. Each crop
-    box (integer pixels, drawn as torchvision's ``RandomResizedCrop`` draws them) is resized to ``size`` x ``size``
-    by bilinear interpolation (``align_corners=False``, no antialiasing), then flipped with probability ``hflip``.
-    Parameters come from torch's global CPU generator (seeded by the engine), so both devices draw the same boxes.
-
-    With ``re_prob`` > 0, timm's random erasing follows on the normalised batch.
-
-    Two implementations of the same resampling: on the CPU each crop is resized by ``F.interpolate`` on its uint8
-    channels-last view (torch's vectorised uint8 kernel; ~5x faster than one batched ``grid_sample`` in float on
-    two cores), then the batch is normalised; on an accelerator one batched ``grid_sample`` over per-image sampling
-    grids, clamped to the crop box as ``F.interpolate`` clamps, normalised before resampling. They agree up to the
-    CPU path's rounding to uint8 (<= 1 grey level)."""
-
-    def __init__(self, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5,
-                 mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), re_prob: float = 0.0):
-        self.size, self.scale, self.hflip, self.re_prob = size, tuple(scale), hflip, re_prob
-        self.log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-        self.mean, self.std = torch.tensor(mean), torch.tensor(std)
-
-    def boxes(self, batch: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 4) int64 crop boxes (x0, y0, w, h) inside the image, one try per image then clamped (torchvision
-        retries up to 10 times first), and (B,) bool flips."""
-        area = torch.empty(batch).uniform_(*self.scale) * height * width
-        ratio = torch.exp(torch.empty(batch).uniform_(*self.log_ratio))
-        w = torch.sqrt(area * ratio).round().clamp(1, width)
-        h = torch.sqrt(area / ratio).round().clamp(1, height)
-        x0 = (torch.rand(batch) * (width - w + 1)).floor().clamp(max=width - w)
-        y0 = (torch.rand(batch) * (height - h + 1)).floor().clamp(max=height - h)
-        flips = torch.rand(batch) < self.hflip
-        return torch.stack([x0, y0, w, h], 1).long(), flips
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f'BatchAugment expects a uint8 (B, 3, H, W) batch, got {images.dtype} '
-                             f'{tuple(images.shape)}')
-        boxes, flips = self.boxes(images.shape[0], images.shape[2], images.shape[3])
-        if images.device.type == 'cpu':
-            scale, shift = self._normalisation(images.device)
-            out = self.resize_each(images, boxes, flips).float().mul_(scale).add_(shift)
-        else:
-            out = self.resample_grid(images, boxes, flips)
-        if self.re_prob > 0:  # in place, one patch of per-pixel normal noise per erased image (timm's 'pixel' mode)
-            from timm.data.random_erasing import RandomErasing
-            RandomErasing(self.re_prob, mode='pixel', max_count=1, device=out.device)(out)
-        return out
-
-    def _normalisation(self, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scale, shift) of uint8 pixels to normalised values, shaped (1, 3, 1, 1)."""
-        scale, shift = 1 / (255 * self.std), -self.mean / self.std
-        return scale.to(device).view(1, 3, 1, 1), shift.to(device).view(1, 3, 1, 1)
-
-    def resize_each(self, images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, 3, size, size): every crop resized on its own (the CPU implementation)."""
-        views = images.contiguous(memory_format=torch.channels_last)  # the uint8 fast path wants channels-last
-        out = torch.empty((len(images), 3, self.size, self.size), dtype=torch.uint8, device=images.device)
-        for i, ((x0, y0, w, h), flip) in enumerate(zip(boxes.tolist(), flips.tolist())):
-            crop = F.interpolate(views[i:i + 1, :, y0:y0 + h, x0:x0 + w], size=(self.size, self.size),
-                                 mode='bilinear', align_corners=False, antialias=False)[0]
-            out[i] = crop.flip(-1) if flip else crop
-        return out
-
-    def resample_grid(self, images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
-        """Normalised float (B, 3, size, size) by one batched ``grid_sample`` (the accelerator implementation)."""
-        device, (height, width) = images.device, images.shape[2:]
-        x0, y0, w, h = boxes.to(device, torch.float32).unbind(1)
-        steps = torch.arange(self.size, dtype=torch.float32, device=device) + 0.5
-
-        def axis(start, length, extent):  # pixel coordinates of the output samples, clamped inside the box
-            inside = (steps * (length / self.size).unsqueeze(1) - 0.5).clamp(min=0)
-            inside = torch.minimum(inside, (length - 1).unsqueeze(1))
-            return (2 * (start.unsqueeze(1) + inside) + 1) / extent - 1  # grid_sample's units, align_corners=False
-        xs, ys = axis(x0, w, width), axis(y0, h, height)
-        xs = torch.where(flips.to(device).unsqueeze(1), xs.flip(1), xs)
-        size = (len(images), self.size, self.size)
-        grid = torch.stack([xs.unsqueeze(1).expand(size), ys.unsqueeze(2).expand(size)], dim=-1)
-        scale, shift = self._normalisation(device)  # bilinear weights sum to 1: normalising first is the same
-        return F.grid_sample(torch.addcmul(shift, images, scale), grid, mode='bilinear', padding_mode='border',
-                             align_corners=False)
-
-
 def _squash(size: int, interpolation: str) -> Callable:
     from PIL import Image
     method = getattr(Image.Resampling, interpolation.upper(), Image.Resampling.BILINEAR)
@@ -277,15 +193,10 @@ def cached_datasets(root, data_config: dict, strict: bool = False, cache_dir=Non
 
 
 def check_cache_options(options) -> None:
-    """Refuse options the tensor path does not do (rather than silently dropping them)."""
+    """Refuse what the tensor path cannot do (rather than silently dropping it): timm sources, auto-augment policies
+    other than RandAugment's."""
     from .data import is_timm_source
     if is_timm_source(options.data):
         raise ValueError(f'--data-cache needs an ImageFolder tree or archive, not the timm source {options.data}')
-    unsupported = [(flag, value) for flag, value, off in (
-        ('--color-jitter', options.color_jitter, 0), ('--aa', options.aa, None))
-        if value != off and value is not None]
-    if unsupported:
-        flag, value = unsupported[0]
-        raise ValueError(f'--data-cache augments batches with random-resized-crop, flip and random erasing only; '
-                         f'{flag} {value} is not supported there: drop it (or set it off; --recipe small does), or '
-                         f'drop --data-cache')
+    if options.aa:
+        BatchRandAugment(options.aa, 224, (0.5, 0.5, 0.5))  # raises for policies or ops it does not run
