@@ -1,9 +1,11 @@
 """Loader throughput: the PIL pipeline (timm ``create_dataset`` + ``create_transform``, DataLoader workers) vs the
 tensor-resident path (``--data-cache``: uint8 cache + ``BatchAugment`` on the device), side by side in one process,
-on the ``small`` recipe's augmentation (random-resized-crop scale 0.6-1, flip, bilinear). The two paths are timed in
-alternation (PIL, tensor, PIL, tensor, ...) so a change of machine load hits both; the ratio of the medians is the
-result. Optionally times kornia's RandomResizedCrop + flip on the same batches, and a few training steps of a small
-Conv2Former fed by each path.
+on the ``small`` recipe's augmentation (random-resized-crop scale 0.6-1, flip, bilinear; ``--paper-augment`` adds the
+in1k recipe's RandAugment and random erasing to both). The two paths are timed in alternation (PIL, tensor, PIL,
+tensor, ...) so a change of machine load hits both; the ratio of the medians is the result. The PIL loader uses
+``--workers`` processes, the tensor path loads in the training process as the engine does. Also times kornia's
+RandomResizedCrop + flip on the same batches (when kornia is installed, crop + flip only), and a few training steps
+of a small Conv2Former fed by each path.
 
     PYTHONPATH=. python benchmarks/bench_data_path.py --data /work/shared/datasets/imagenette2-128.tar.gz \\
         --out experiments/results/data-path
@@ -65,11 +67,22 @@ def _rate(batches, n: int, batch_size: int, step=lambda b: b, cpu: list = None, 
     return n * batch_size / (time.perf_counter() - start)
 
 
+def _paper_augment(args, batched: bool = False) -> dict:
+    """With ``--paper-augment``: the in1k recipe's RandAugment and random erasing on top of crop + flip, as keywords
+    of timm's ``create_transform`` or of ``BatchAugment``."""
+    if not args.paper_augment:
+        return {}
+    policy = 'rand-m9-mstd0.5-inc1'
+    return dict(aa=policy, re_prob=0.25) if batched else dict(auto_augment=policy, re_prob=0.25, re_mode='pixel')
+
+
 def pil_loader(train_dir: Path, args):
     from timm.data import create_dataset, create_transform
     dataset = create_dataset('', root=str(train_dir), is_training=True)
-    dataset.transform = create_transform(args.img_size, is_training=True, scale=(0.6, 1.0), hflip=0.5,
-                                         color_jitter=0.0, interpolation='bilinear')
+    from conv2former.tasks.classification.data import allow_zero_bit_posterize
+    dataset.transform = allow_zero_bit_posterize(create_transform(
+        args.img_size, is_training=True, scale=(0.6, 1.0), hflip=0.5, color_jitter=0.0, interpolation='bilinear',
+        **_paper_augment(args)))
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
                         drop_last=True, persistent_workers=args.workers > 0)
     return loader
@@ -87,7 +100,8 @@ def tensor_path(root: Path, args):
     # as the engine loads it: batches fetched whole and augmented in the training process (no workers)
     loader = DataLoader(SeededDataset(train, 0), batch_size=args.batch_size, shuffle=True, num_workers=0,
                         drop_last=True, collate_fn=pass_batch)
-    return loader, BatchAugment(args.img_size, scale=(0.6, 1.0), hflip=0.5), cache_seconds
+    return loader, BatchAugment(args.img_size, scale=(0.6, 1.0), hflip=0.5, **_paper_augment(args, True)), \
+        cache_seconds
 
 
 def forever(loader):
@@ -129,7 +143,9 @@ def main() -> None:
     p.add_argument('--batches', type=int, default=20, help='timed batches per round')
     p.add_argument('--rounds', type=int, default=3)
     p.add_argument('--train-steps', type=int, default=3, help='timed training steps per path (0: skip)')
-    p.add_argument('--out', type=Path, help='write <out>.json and <out>.md')
+    p.add_argument('--paper-augment', action='store_true',
+                   help="add the in1k recipe's RandAugment (rand-m9-mstd0.5-inc1) and random erasing (0.25) to both")
+    p.add_argument('--out', type=Path, help='write <out>.json')
     args = p.parse_args()
     from conv2former.data import find_split, resolve_data_dir
     root = resolve_data_dir(args.data)
@@ -143,7 +159,7 @@ def main() -> None:
         rates['tensor'].append(_rate(tensor, args.batches, args.batch_size, lambda b: augment(b[0]),
                                      cpu=cpu_ms['tensor']))
         rates['tensor_fetch'].append(_rate(tensor, args.batches, args.batch_size, cpu=cpu_ms['tensor_fetch']))
-        k = kornia_rate(tensor, args)
+        k = None if args.paper_augment else kornia_rate(tensor, args)
         if k is not None:
             rates['kornia'].append(k)
         print(f'round {r + 1}: ' + ', '.join(f'{k} {v[-1]:.0f} img/s' for k, v in rates.items() if v) +

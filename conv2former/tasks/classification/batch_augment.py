@@ -8,12 +8,13 @@ prefetcher applies it).
 
 RandAugment is timm's own policy object: it parses the policy string and draws, per image, the ops, whether each
 applies and its magnitude (NumPy and Python ``random``, as in timm), but instead of the PIL image functions each op
-runs vectorised over the images that drew it, on float pixels in [0, 255] truncated to integers after every op as PIL's uint8 images are.
-The ops follow PIL's definitions (``ImageOps`` / ``ImageEnhance`` / affine ``transform`` with the dataset-mean
-fill) and give PIL's pixels exactly (tested), except: geometric ops interpolate bilinearly (timm draws bilinear or
-bicubic), pixels within a pixel of the image border blend with the fill colour, and Posterize to 0 bits gives black
-(Pillow >= 12 refuses 0 bits, which timm's 'inc1' policies can draw). All randomness comes from the global generators, which the engine
-seeds per batch, so a resumed run repeats its augmentation exactly.
+runs vectorised over the images that drew it (all geometric ops of one position in one resampling), on float pixels
+in [0, 255] truncated to integers after every op as PIL's uint8 images are. The ops follow PIL's definitions
+(``ImageOps`` / ``ImageEnhance`` / affine ``transform`` with the dataset-mean fill) and give PIL's pixels exactly
+(tested), except: geometric ops interpolate bilinearly (timm draws bilinear or bicubic; off by at most one grey
+level inside the image), pixels within a pixel of the image border blend with the fill colour, and Posterize to
+0 bits gives black (Pillow >= 12 refuses 0 bits, which timm's 'inc1' policies can draw). All randomness comes from
+the global generators, which the engine seeds per batch, so a resumed run repeats its augmentation exactly.
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def _grey(x: torch.Tensor) -> torch.Tensor:
 def blend(degenerate: torch.Tensor, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """PIL ``ImageEnhance``: ``degenerate + factor * (x - degenerate)`` clipped to [0, 255] and truncated to an
     integer as PIL's ``Image.blend`` does (factor per image)."""
-    return (degenerate + factor * (x - degenerate)).clamp(0, 255).floor()
+    return (x - degenerate).mul_(factor).add_(degenerate).clamp_(0, 255).floor_()  # in place: memory-bound
 
 
 def brightness(x, factors):
@@ -61,11 +62,12 @@ def color(x, factors):
 
 
 def sharpness(x, factors):
-    """PIL's SMOOTH filter (3 x 3, centre 5, sum 13) as the degenerate image; border pixels stay unsmoothed."""
-    kernel = torch.ones(3, 1, 3, 3, dtype=x.dtype, device=x.device)
-    kernel[:, :, 1, 1] = 5
+    """PIL's SMOOTH filter (3 x 3, centre 5, sum 13) as the degenerate image; border pixels stay unsmoothed. The
+    3 x 3 sum is taken by shifted adds (exact on integer pixels, ~8x faster than a grouped conv2d on the CPU)."""
+    rows = x[:, :, :-2] + x[:, :, 1:-1] + x[:, :, 2:]
+    box = rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:]
     smooth = x.clone()
-    smooth[:, :, 1:-1, 1:-1] = F.conv2d(x, kernel / 13, groups=3).round()
+    smooth[:, :, 1:-1, 1:-1] = ((box + 4 * x[:, :, 1:-1, 1:-1]) / 13).round()
     return blend(smooth, x, _per_image(factors, x))
 
 
@@ -132,12 +134,11 @@ def _inverse_map(name: str, value: float, height: int, width: int) -> tuple:
 def affine(x: torch.Tensor, maps: Sequence[tuple], fill: torch.Tensor) -> torch.Tensor:
     """Each image resampled (bilinear) through its PIL-style affine map; outside the image: ``fill`` (per channel)."""
     n, _, height, width = x.shape
-    m = torch.tensor(maps, dtype=x.dtype, device=x.device).view(n, 2, 3)
-    ys, xs = torch.meshgrid(torch.arange(height, dtype=x.dtype, device=x.device) + 0.5,
-                            torch.arange(width, dtype=x.dtype, device=x.device) + 0.5, indexing='ij')
-    points = torch.stack([xs, ys, torch.ones_like(xs)], -1).view(1, -1, 3)  # (1, H*W, 3)
-    source = points @ m.transpose(1, 2)  # (n, H*W, 2) input pixel coordinates
-    grid = (2 * source / torch.tensor([width, height], dtype=x.dtype, device=x.device) - 1).view(n, height, width, 2)
+    a, b, c, d, e, f = torch.tensor(maps, dtype=x.dtype, device=x.device).view(n, 6, 1, 1).unbind(1)
+    cols = (torch.arange(width, dtype=x.dtype, device=x.device) + 0.5).view(1, 1, width)
+    rows = (torch.arange(height, dtype=x.dtype, device=x.device) + 0.5).view(1, height, 1)
+    # input pixel coordinates of every output pixel, in grid_sample's units (align_corners=False)
+    grid = torch.stack([(a * cols + b * rows + c) * (2 / width) - 1, (d * cols + e * rows + f) * (2 / height) - 1], -1)
     fill = fill.to(x.device, x.dtype).view(1, 3, 1, 1)
     return F.grid_sample(x - fill, grid, mode='bilinear', padding_mode='zeros', align_corners=False) + fill
 
@@ -172,19 +173,23 @@ class BatchRandAugment:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Float pixels (B, 3, H, W) in [0, 255] -> augmented (in place), truncated to integers as PIL does."""
         plans = self.draw(len(x))
+        height, width = x.shape[2:]
         for position in range(max(map(len, plans), default=0)):
-            ops = {}
+            pixel_ops, moved = {}, []  # the geometric ops of all images at this position go in one resampling
             for i, plan in enumerate(plans):
                 if position < len(plan):
-                    ops.setdefault(plan[position][0], []).append((i, plan[position][1]))
-            for name, uses in ops.items():
+                    name, arg = plan[position]
+                    if name in GEOMETRIC:
+                        moved.append((i, _inverse_map(name, arg, height, width)))
+                    else:
+                        pixel_ops.setdefault(name, []).append((i, arg))
+            if moved:
+                index = torch.tensor([i for i, _ in moved], device=x.device)
+                moved_images = affine(x.index_select(0, index), [m for _, m in moved], self.fill)
+                x.index_copy_(0, index, moved_images.clamp_(0, 255).floor_())  # truncated, as PIL does
+            for name, uses in pixel_ops.items():
                 index = torch.tensor([i for i, _ in uses], device=x.device)
-                args = [a for _, a in uses]
-                if name in GEOMETRIC:
-                    maps = [_inverse_map(name, a, x.shape[2], x.shape[3]) for a in args]
-                    x[index] = affine(x[index], maps, self.fill).clamp_(0, 255).floor_()  # PIL truncates too
-                else:
-                    x[index] = PIXEL_OPS[name](x[index], args)
+                x.index_copy_(0, index, PIXEL_OPS[name](x.index_select(0, index), [a for _, a in uses]))
         return x
 
 
@@ -207,7 +212,7 @@ class BatchColorJitter:
                 uses = [(i, plan[position][1]) for i, plan in enumerate(plans) if plan[position][0] == k]
                 if uses:
                     index = torch.tensor([i for i, _ in uses], device=x.device)
-                    x[index] = ops[k](x[index], [f for _, f in uses])
+                    x.index_copy_(0, index, ops[k](x.index_select(0, index), [f for _, f in uses]))
         return x
 
 
