@@ -62,6 +62,8 @@ def _rate(batches, n: int, batch_size: int, step=lambda b: b, cpu: list = None, 
     start, cpu_start = time.perf_counter(), _cpu_seconds()
     for _ in range(n):
         step(next(batches))
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
     if cpu is not None:
         cpu.append(1000 * (_cpu_seconds() - cpu_start) / (n * batch_size))
     return n * batch_size / (time.perf_counter() - start)
@@ -143,10 +145,14 @@ def main() -> None:
     p.add_argument('--batches', type=int, default=20, help='timed batches per round')
     p.add_argument('--rounds', type=int, default=3)
     p.add_argument('--train-steps', type=int, default=3, help='timed training steps per path (0: skip)')
+    p.add_argument('--device', default='cpu', help="where the tensor path augments ('cuda' on a GPU machine; the "
+                   "batches are fetched on the host and copied there, as in training)")
     p.add_argument('--paper-augment', action='store_true',
                    help="add the in1k recipe's RandAugment (rand-m9-mstd0.5-inc1) and random erasing (0.25) to both")
     p.add_argument('--out', type=Path, help='write <out>.json')
     args = p.parse_args()
+    if args.device != 'cpu' and args.train_steps:
+        p.error('--train-steps measures CPU training: give --train-steps 0 with --device')
     from conv2former.data import find_split, resolve_data_dir
     root = resolve_data_dir(args.data)
     loader, augment, cache_seconds = tensor_path(root, args)
@@ -156,7 +162,8 @@ def main() -> None:
     pil_prefetched = 2 * args.workers  # DataLoader's default prefetch_factor is 2 per worker
     for r in range(args.rounds):
         rates['pil'].append(_rate(pil, args.batches, args.batch_size, cpu=cpu_ms['pil'], warmup=pil_prefetched + 1))
-        rates['tensor'].append(_rate(tensor, args.batches, args.batch_size, lambda b: augment(b[0]),
+        rates['tensor'].append(_rate(tensor, args.batches, args.batch_size,
+                                     lambda b: augment(b[0].to(args.device, non_blocking=True)),
                                      cpu=cpu_ms['tensor']))
         rates['tensor_fetch'].append(_rate(tensor, args.batches, args.batch_size, cpu=cpu_ms['tensor_fetch']))
         k = None if args.paper_augment else kornia_rate(tensor, args)

@@ -8,6 +8,9 @@ set -euo pipefail
 DATA=${1:-/work/shared/datasets/imagenette2-128.tar.gz}
 OUT=${2:-runs/gpu-window}
 GPU="--amp bf16 --channels-last -j 4 --no-progress"
+# the tensor path's augmentation on the GPU (paper augmentation: crop, flip, RandAugment, erasing) vs PIL with 4 workers
+python benchmarks/bench_data_path.py --data "$DATA" --device cuda --workers 4 --rounds 3 --train-steps 0 \
+    --paper-augment --out "$OUT/data-path-gpu" | grep -E '^round|ratio'
 python -m conv2former sweep --config experiments/sweeps/fusion.yaml --grid fusion=mul --seeds 0 --data "$DATA" \
     --output "$OUT" --experiment timing-one-run $GPU
 python -m conv2former sweep --config experiments/sweeps/fusion.yaml --data "$DATA" --output "$OUT" --parallel 2 $GPU
