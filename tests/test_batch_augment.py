@@ -112,6 +112,9 @@ def test_policies_the_batched_path_cannot_run_are_refused():
     from conv2former.api import build_options
     with pytest.raises(ValueError, match='augmix'):
         build_options('classification', dict(data='x', data_cache=True, aa='augmix-m5'))
+    for typo in ('randm9', 'rand-q7', 'v9'):  # refused for both paths when the options are built, not mid-epoch
+        with pytest.raises(ValueError, match=f"--aa '{typo}' is not a timm auto-augment policy"):
+            build_options('classification', dict(data='x', aa=typo))
     opts = build_options('classification', dict(data='x', data_cache=True, recipe='in1k'))  # the paper's recipe
     assert opts.aa == 'rand-m9-mstd0.5-inc1' and opts.reprob > 0
 

@@ -142,8 +142,9 @@ def test_grad_checkpointing_matches(name):
     model.zero_grad()
     model.set_grad_checkpointing(True)
     model(x).sum().backward()
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, grads[n], msg=n)
+    for n, p in model.named_parameters():  # float32 sums in another order: tolerance relative to the largest grad
+        scale = grads[n].abs().max().item()
+        torch.testing.assert_close(p.grad, grads[n], rtol=1e-5, atol=1e-6 * max(scale, 1.0), msg=n)
 
 
 @pytest.mark.parametrize('name', ['conv2former_t', 'conv2former_is'])

@@ -36,10 +36,7 @@ def load_analysis_model(model_name: str | None, checkpoint: str | None, model_kw
                         use_ema: bool = False, device: str | torch.device = 'cpu') -> AnalysisModel:
     """``--checkpoint`` (run/model folder, ``.safetensors``, upstream ``.pth``) or ``--model`` alone (random init)."""
     model_kwargs = dict(model_kwargs or {})
-    if checkpoint and _other_timm_folder(checkpoint):
-        model, class_names, data_config = _load_timm_folder(_other_timm_folder(checkpoint), use_ema, model_kwargs,
-                                                            device)
-    elif checkpoint:
+    if checkpoint:  # any timm classifier's folder (a ConvNeXt baseline too), or a weights file
         from ..tasks.classification.inference import load_model
         model, class_names, data_config = load_model(checkpoint, model_name, use_ema=use_ema, device=device,
                                                      **model_kwargs)
@@ -55,35 +52,6 @@ def load_analysis_model(model_name: str | None, checkpoint: str | None, model_kw
     name = getattr(model, 'pretrained_cfg', {}).get('architecture') or model_name or type(model).__name__
     return AnalysisModel(model, name, str(checkpoint) if checkpoint else None, model_kwargs, class_names,
                          data_config)
-
-
-def _other_timm_folder(checkpoint: str) -> Path | None:
-    """The model folder of a run/model folder holding a timm model other than Conv2Former (e.g. a ConvNeXt
-    trained by ``conv2former train``), else None."""
-    import conv2former
-    path = Path(checkpoint)
-    for folder in (path, path / 'best', path / 'last'):
-        if (folder / 'config.json').is_file():
-            try:
-                arch = json.loads((folder / 'config.json').read_text()).get('architecture', '')
-            except (OSError, ValueError, AttributeError):
-                return None  # load_model reports it
-            base = timm.models.split_model_name_tag(arch)[0] if arch else ''
-            return folder if base and base not in conv2former.MODEL_NAMES else None
-    return None
-
-
-def _load_timm_folder(folder: Path, use_ema: bool, model_kwargs: dict, device) -> tuple[nn.Module, list | None, dict]:
-    """timm's ``local-dir:`` loader (safetensors weights, ``model_args`` and ``label_names`` from config.json)."""
-    if use_ema:
-        ema = folder / 'model_ema.safetensors'
-        if not ema.is_file():
-            raise FileNotFoundError(f'--use-ema: {folder} has no model_ema.safetensors')
-        model_kwargs = dict(model_kwargs, pretrained_cfg_overlay=dict(source='', file=str(ema)))
-    model = timm.create_model(f'local-dir:{folder}', pretrained=True, **model_kwargs).to(device).eval()
-    names = model.pretrained_cfg.get('label_names')
-    names = [str(n) for n in names] if names and len(names) == model.num_classes else None
-    return model, names, timm.data.resolve_data_config(model=model)
 
 
 def select_images(images: Sequence[str] | None, data: str | None, split: str, num_images: int) -> list[Path]:

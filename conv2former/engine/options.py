@@ -255,7 +255,8 @@ class RunOptions:
                                          '--checkpoint-steps/-hist may be given)')
     seed: int = option(42, '--seed', type=int)
     device: Optional[str] = option(None, '--device', help="'cpu', 'cuda', 'cuda:1' (default: cuda if available)")
-    workers: int = option(2, '-j', '--workers', type=int, help='data loader processes per training process')
+    workers: int = option(2, '-j', '--workers', type=int, help='data loader processes per training process (training '
+                          'batches of an in-memory dataset such as --data-cache load without them)')
     progress: bool = option(True, '--no-progress', kind='no-flag', help='no progress bars')
 
     epochs: int = option(10, '--epochs', type=positive_int, group='optimisation')

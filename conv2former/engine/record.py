@@ -31,8 +31,9 @@ def run_record(path) -> tuple[Optional[Path], dict]:
 
 
 def from_record(given, record: dict, key: str, run_dir: Optional[Path]):
-    """``given`` when set, else the run's ``key`` (logged, so the user sees which value the run supplied)."""
-    if given is not None or key not in record:
+    """``given`` when set, else the run's ``key`` (logged, so the user sees which value the run supplied); a run that
+    recorded None (its default, e.g. the bundled dataset) supplies nothing."""
+    if given is not None or record.get(key) is None:
         return given
     _logger.info('%s: %s (from %s)', key, record[key], run_dir / 'config.yaml')
     return record[key]

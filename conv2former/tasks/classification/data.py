@@ -225,6 +225,20 @@ def build_timm_datasets(name: str, root: str | os.PathLike | None = None, downlo
     return TimmSourceDataset(splits[0], train_names), TimmSourceDataset(splits[1], train_names), train_names
 
 
+def check_auto_augment(policy: str) -> None:
+    """Refuse an ``--aa`` string timm cannot parse before any work starts (timm would stop with a bare assertion
+    when the first batch is drawn)."""
+    from timm.data import auto_augment as aa
+    build = aa.rand_augment_transform if policy.startswith('rand') else \
+        aa.augment_and_mix_transform if policy.startswith('augmix') else aa.auto_augment_transform
+    try:
+        build(policy, dict(translate_const=100, img_mean=(124, 116, 104)))
+    except Exception as e:  # timm raises AssertionError / KeyError / ValueError for malformed policies
+        detail = f' ({e})' if str(e) else ''
+        raise ValueError(f"--aa {policy!r} is not a timm auto-augment policy{detail}; expected e.g. "
+                         f"'rand-m9-mstd0.5-inc1' (RandAugment), 'augmix-m5-w4-d2' or 'v0' (AutoAugment)") from None
+
+
 def _posterize_any_bits(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
     """timm's posterize, with 0 bits giving a black image as Pillow < 12 gave it (Pillow >= 12 raises for 0 bits)."""
     from PIL import ImageOps

@@ -20,7 +20,7 @@ from ...engine.distributed import DistEnv
 from ...engine.options import RunOptions, non_negative_float, option, positive_int, probability, redefault
 from ...data import resolve_data_dir
 from ...fileio import pretrained_overlay, write_model_folder
-from .data import allow_zero_bit_posterize, build_datasets, build_timm_datasets, is_timm_source
+from .data import allow_zero_bit_posterize, build_datasets, build_timm_datasets, check_auto_augment, is_timm_source
 from .evaluate import evaluate, save_confusion_matrix_png, write_results
 from .recipes import DROP_PATH, RECIPES
 from ...models import MODEL_NAMES
@@ -102,6 +102,8 @@ class ClassificationOptions(RunOptions):
         self.scale = tuple(self.scale)
         if not 0 < self.scale[0] <= self.scale[1] <= 1:
             raise ValueError(f'--scale must satisfy 0 < MIN <= MAX <= 1, got {self.scale}')
+        if self.aa:
+            check_auto_augment(self.aa)
         if self.data_cache:
             from .tensor_data import check_cache_options
             check_cache_options(self)
