@@ -4,8 +4,8 @@ on the ``small`` recipe's augmentation (random-resized-crop scale 0.6-1, flip, b
 in1k recipe's RandAugment and random erasing to both). The two paths are timed in alternation (PIL, tensor, PIL,
 tensor, ...) so a change of machine load hits both; the ratio of the medians is the result. The PIL loader uses
 ``--workers`` processes, the tensor path loads in the training process as the engine does. Also times kornia's
-RandomResizedCrop + flip on the same batches (when kornia is installed, crop + flip only), and a few training steps
-of a small Conv2Former fed by each path.
+RandomResizedCrop + flip on the same batches (with ``--paper-augment``: RandAugment alone, kornia's vs ours; when kornia
+is installed), and a few training steps of a small Conv2Former fed by each path.
 
     PYTHONPATH=. python benchmarks/bench_data_path.py --data /work/shared/datasets/imagenette2-128.tar.gz \\
         --out experiments/results/data-path
@@ -126,13 +126,24 @@ def train_rate(batches, args, augment=None) -> float:
 
 
 def kornia_rate(batches, args):
+    """kornia's RandomResizedCrop + flip on the tensor path's uint8 batches; with ``--paper-augment`` instead
+    RandAugment alone on already cropped float batches, kornia's (n=2, m=9: its own policy) vs ours (timm's
+    ``rand-m9-mstd0.5-inc1``). None without kornia."""
     try:
         import kornia.augmentation as K
+        from kornia.augmentation.auto import RandAugment
     except ImportError:
         return None
+    if args.paper_augment:
+        from conv2former.tasks.classification.batch_augment import BatchRandAugment
+        ours, theirs = BatchRandAugment('rand-m9-mstd0.5-inc1', args.img_size, (0.485, 0.456, 0.406)), \
+            RandAugment(n=2, m=9)
+        crop = lambda b: b[0][:, :, :args.img_size, :args.img_size].float()  # noqa: E731
+        return dict(randaugment_ours=_rate(batches, args.batches, args.batch_size, lambda b: ours(crop(b))),
+                    randaugment_kornia=_rate(batches, args.batches, args.batch_size, lambda b: theirs(crop(b) / 255)))
     aug = torch.nn.Sequential(K.RandomResizedCrop((args.img_size,) * 2, scale=(0.6, 1.0), cropping_mode='resample'),
                               K.RandomHorizontalFlip())
-    return _rate(batches, args.batches, args.batch_size, lambda b: aug(b[0].float() / 255))
+    return dict(kornia=_rate(batches, args.batches, args.batch_size, lambda b: aug(b[0].float() / 255)))
 
 
 def main() -> None:
@@ -158,7 +169,7 @@ def main() -> None:
     loader, augment, cache_seconds = tensor_path(root, args)
     pil, tensor = forever(pil_loader(find_split(root, 'train'), args)), forever(loader)
     # tensor_fetch: the host's share when the augmentation runs on a GPU (batches fetched, not augmented)
-    rates, cpu_ms = dict(pil=[], tensor=[], kornia=[], tensor_fetch=[]), dict(pil=[], tensor=[], tensor_fetch=[])
+    rates, cpu_ms = dict(pil=[], tensor=[], tensor_fetch=[]), dict(pil=[], tensor=[], tensor_fetch=[])
     pil_prefetched = 2 * args.workers  # DataLoader's default prefetch_factor is 2 per worker
     for r in range(args.rounds):
         rates['pil'].append(_rate(pil, args.batches, args.batch_size, cpu=cpu_ms['pil'], warmup=pil_prefetched + 1))
@@ -166,9 +177,8 @@ def main() -> None:
                                      lambda b: augment(b[0].to(args.device, non_blocking=True)),
                                      cpu=cpu_ms['tensor']))
         rates['tensor_fetch'].append(_rate(tensor, args.batches, args.batch_size, cpu=cpu_ms['tensor_fetch']))
-        k = None if args.paper_augment else kornia_rate(tensor, args)
-        if k is not None:
-            rates['kornia'].append(k)
+        for key, rate in (kornia_rate(tensor, args) or {}).items():
+            rates.setdefault(key, []).append(rate)
         print(f'round {r + 1}: ' + ', '.join(f'{k} {v[-1]:.0f} img/s' for k, v in rates.items() if v) +
               '; CPU ms/img ' + ', '.join(f'{k} {v[-1]:.2f}' for k, v in cpu_ms.items()), flush=True)
     result = dict(args={k: str(v) for k, v in vars(args).items()}, cache_build_seconds=cache_seconds,
