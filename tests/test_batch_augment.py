@@ -130,3 +130,22 @@ def test_batch_augment_with_randaugment_and_erasing_on_a_uint8_batch():
     assert isinstance(aug.colour, B.BatchRandAugment)
     assert isinstance(B.BatchAugment(24, color_jitter=0.4).colour, B.BatchColorJitter)
     assert B.BatchAugment(24, aa='rand-m9', color_jitter=0.4).colour.__class__ is B.BatchRandAugment  # as timm
+
+
+def test_the_accelerator_path_runs_end_to_end_and_agrees_with_the_cpu_path():
+    """``resample='grid'`` is what a GPU runs (one grid_sample, then the same RandAugment / erasing code): on the CPU
+    with the same seeds it gives the CPU path's result up to the CPU path's rounding before RandAugment."""
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    outs = {}
+    for resample in ('per-image', 'grid'):
+        torch.manual_seed(0)
+        outs[resample] = B.BatchAugment(24, scale=(0.3, 1.0), resample=resample)(images)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    assert ((outs['grid'] - outs['per-image']) * std * 255).abs().max() <= 1 + 1e-3
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
+    full = B.BatchAugment(24, scale=(0.3, 1.0), aa='rand-m9-mstd0.5-inc1', re_prob=0.5, resample='grid')(images)
+    assert full.shape == (8, 3, 24, 24) and torch.isfinite(full).all()
+    with pytest.raises(ValueError, match="resample must be"):
+        B.BatchAugment(24, resample='bilinear')

@@ -226,12 +226,16 @@ class BatchAugment:
     Two implementations of the same resampling: on the CPU each crop is resized by ``F.interpolate`` on its uint8
     channels-last view (torch's vectorised uint8 kernel; ~5x faster than one batched ``grid_sample`` in float on
     two cores); on an accelerator one batched ``grid_sample`` over per-image sampling grids, clamped to the crop box
-    as ``F.interpolate`` clamps. They agree up to the CPU path's rounding to uint8 (<= 1 grey level)."""
+    as ``F.interpolate`` clamps. They agree up to the CPU path's rounding to uint8 (<= 1 grey level). ``resample``
+    'auto' picks by device; 'per-image' / 'grid' force one (tests run the accelerator path on the CPU)."""
 
     def __init__(self, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5,
                  mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), re_prob: float = 0.0,
-                 aa: Optional[str] = None, color_jitter: float = 0.0):
+                 aa: Optional[str] = None, color_jitter: float = 0.0, resample: str = 'auto'):
+        if resample not in ('auto', 'per-image', 'grid'):
+            raise ValueError(f"resample must be 'auto', 'per-image' or 'grid', got {resample!r}")
         self.size, self.scale, self.hflip, self.re_prob = size, tuple(scale), hflip, re_prob
+        self.resample = resample
         self.log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
         self.mean, self.std = torch.tensor(mean), torch.tensor(std)
         # as timm's create_transform: an auto-augment policy turns colour jitter off
@@ -255,7 +259,8 @@ class BatchAugment:
             raise ValueError(f'BatchAugment expects a uint8 (B, 3, H, W) batch, got {images.dtype} '
                              f'{tuple(images.shape)}')
         boxes, flips = self.boxes(images.shape[0], images.shape[2], images.shape[3])
-        if images.device.type == 'cpu':
+        per_image = images.device.type == 'cpu' if self.resample == 'auto' else self.resample == 'per-image'
+        if per_image:
             pixels = self.resize_each(images, boxes, flips).float()
         else:
             pixels = self.resample_grid(images, boxes, flips)
