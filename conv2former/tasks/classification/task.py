@@ -62,7 +62,9 @@ class ClassificationOptions(RunOptions):
                         group='optimisation')
     warmup_epochs: int = option(1, '--warmup-epochs', type=int, group='optimisation')
     warmup_lr: float = option(1e-6, '--warmup-lr', type=non_negative_float, group='optimisation')
-    cooldown_epochs: int = option(0, '--cooldown-epochs', type=int, group='optimisation')
+    cooldown_epochs: int = option(0, '--cooldown-epochs', type=int, group='optimisation',
+                                  help='epochs at the minimum lr after --epochs (added to them, as in timm; the in1k '
+                                       'recipe sets 10)')
     model_ema: bool = option(False, '--model-ema', kind='flag', group='optimisation',
                              help='keep an EMA of the weights (evaluated and saved)')
     model_ema_decay: float = option(0.9998, '--model-ema-decay', type=probability, group='optimisation')
