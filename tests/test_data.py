@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageFile
 
 import conv2former.data as data
@@ -387,6 +388,40 @@ def test_corrupt_images_skipped_with_warning(tmp_path, caplog):
         strict[1]
     assert str(bad) in str(e.value)
     assert strict[0][1] == 0
+
+
+def _merge_worker(rank: int, root: str, init_file: str, out: str):
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from conv2former.engine.distributed import DistEnv
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
+    try:
+        ds = ImageFolderDataset(root)
+        ds[rank]  # rank 0 reads cat/0 (readable), rank 1 reads cat/1 (truncated, then dog/0: corrupt)
+        before = ds.num_skipped
+        ds.merge_skipped(DistEnv(rank=rank, world_size=2, local_rank=rank, device=torch.device('cpu')))
+        Path(out, f'rank{rank}.txt').write_text(f'{before} {ds.num_skipped} {sorted(p for p, _ in ds.skipped)}')
+    finally:
+        dist.destroy_process_group()
+
+
+def test_skip_counts_are_merged_across_torchrun_ranks(tmp_path):
+    """Each rank finds only the unreadable images it reads; merged, every rank reports the run's count (not a sum:
+    an image found bad by two ranks counts once)."""
+    import torch.multiprocessing as mp
+    root = tmp_path / 'ds'
+    write_png(root / 'cat' / '0.png', (1, 1, 1))
+    bad = _noise_png(root / 'cat' / '1.png')
+    bad.write_bytes(bad.read_bytes()[:500])
+    (root / 'dog').mkdir()
+    (root / 'dog' / '0.png').write_bytes(b'\x89PNG\r\n\x1a\n' + b'\0' * 64)
+    write_png(root / 'dog' / '1.png', (2, 2, 2))
+    mp.spawn(_merge_worker, args=(str(root), str(tmp_path / 'init'), str(tmp_path)), nprocs=2, join=True)
+    got = [(tmp_path / f'rank{r}.txt').read_text().split(' ', 2) for r in range(2)]
+    assert [g[:2] for g in got] == [['0', '2'], ['2', '2']]
+    assert got[0][2] == got[1][2] == str(sorted([str(bad), str(root / 'dog' / '0.png')]))
 
 
 def test_wraps_around_and_all_unreadable(tmp_path, caplog):

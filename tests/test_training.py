@@ -107,7 +107,12 @@ def test_resuming_with_more_epochs_follows_the_longer_schedule(tmp_path, toy_dat
 
 
 def test_two_process_torchrun_matches_one_process(tmp_path, toy_data):
-    """gloo DDP with 2 ranks x batch 4 == 1 process x batch 8 (no BatchNorm: patch stem; no drop path)."""
+    """gloo DDP with 2 ranks x batch 4 == 1 process x batch 8 (no BatchNorm: patch stem; no drop path); an odd
+    number of validation images is evaluated once each (no DistributedSampler padding)."""
+    import shutil
+    data = shutil.copytree(toy_data, tmp_path / 'data')
+    shutil.copy(next((data / 'val' / 'dark').iterdir()), data / 'val' / 'dark' / 'extra.png')  # 17 val images
+    toy_data = data
     common = ['--epochs', '1', '--drop-path', '0', '--lr', '1e-3', '--warmup-epochs', '0', '--model-kwargs',
               'stem=patch', '--smoothing', '0']
     _run_cli(_train_args(toy_data, tmp_path, 'one', '-b', '8', *common))
@@ -121,6 +126,9 @@ def test_two_process_torchrun_matches_one_process(tmp_path, toy_data):
     history = [json.loads(line) for line in (tmp_path / 'two' / 'metrics.jsonl').read_text().splitlines()]
     assert history[-1]['step'] == 48 // 8  # steps count global batches
     assert result.stdout.count('final: top-1') == 1, result.stdout  # rank 0 reports; rank 1 holds no best epoch
+    evals = [json.loads((tmp_path / name / 'results.json').read_text()) for name in ('one', 'two')]
+    assert evals[0]['num_samples'] == evals[1]['num_samples'] == 17
+    assert evals[1]['top1'] == pytest.approx(evals[0]['top1']) and evals[1]['loss'] == pytest.approx(evals[0]['loss'])
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path, toy_data, monkeypatch, capsys):

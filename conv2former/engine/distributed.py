@@ -22,6 +22,11 @@ class DistEnv:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def shard(self, n: int) -> list[int]:
+        """This rank's share of indices 0..n-1 for evaluation: every index on exactly one rank (DistributedSampler
+        pads to a multiple of the world size by repeating samples, which would count them twice)."""
+        return list(range(self.rank, n, self.world_size))
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
@@ -40,6 +45,14 @@ class DistEnv:
         t = torch.tensor([1 if f else 0 for f in flags], device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return [bool(v) for v in t.tolist()]
+
+    def any_each(self, flags: torch.Tensor) -> torch.Tensor:
+        """Element-wise: 1 where any rank has a non-zero flag (an int8 tensor of the same length on every rank)."""
+        if not self.distributed:
+            return flags
+        t = flags.to(self.device, torch.int32)  # NCCL and gloo both reduce int32
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.to('cpu', flags.dtype)
 
     def all_true(self, flag: bool) -> bool:
         """True on every rank only if ``flag`` is true on every rank."""

@@ -319,6 +319,9 @@ def finish(run: Run) -> dict:
     task, st = run.task, run.state
     if run.tb is not None:
         run.tb.close()
+    for dataset in (run.train_ds, run.val_ds):  # datasets that count skipped files per rank merge the counts
+        if hasattr(dataset, 'merge_skipped'):
+            dataset.merge_skipped(run.env)
     final = dict(st.history[-1]) if st.history else {}
     if st.best is not None:
         final.update(best_epoch=st.best['epoch'], **{task.best_key: st.best['value']})

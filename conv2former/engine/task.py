@@ -25,7 +25,9 @@ class Task(Protocol):
     collate: Optional[Callable]
 
     def datasets(self) -> tuple[Dataset, Dataset]:
-        """(train, val); both have ``class_names``; data clean-up counts are logged by ``log_data``."""
+        """(train, val); both have ``class_names``; data clean-up counts are logged by ``log_data``. A dataset that
+        counts skipped files per process may define ``merge_skipped(env)``: the engine calls it on every rank
+        before ``finish``."""
 
     def log_data(self, train: Dataset, val: Dataset) -> None:
         """Log what the data loading skipped or repaired."""

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from ..data import canonical_split, load_rgb
-from ..engine.distributed import DistEnv, init_distributed, launched_as_main
+from ..engine.distributed import init_distributed, launched_as_main
 from ..engine.options import (RunOptions, add_arguments, non_negative_float, option, positive_int, probability,
                               redefault)
 from ..engine.record import from_record, refuse_train_overlap, run_record
@@ -230,11 +230,6 @@ def normalize(image: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
     return (image.float() / 255 - mean) / std
-
-
-def shard(n: int, env: DistEnv) -> list[int]:
-    """This rank's share of 0..n-1, without the padding DistributedSampler adds (each image counted once)."""
-    return list(range(env.rank, n, env.world_size))
 
 
 def load_task_model(path, task: str, device='cpu', build=None) -> tuple[nn.Module, dict]:

@@ -89,6 +89,12 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def num_skipped(self) -> int:
         return len(self._empty) + len(self._bad_indices())
 
+    def merge_skipped(self, env) -> None:
+        """Under torchrun each rank finds the unreadable images of the samples it read: make every rank's count the
+        run's (an image is unreadable if any rank found it so). A collective: call on every rank."""
+        flags = torch.from_numpy(np.frombuffer(self._bad, dtype=np.int8))
+        flags.copy_(env.any_each(flags))
+
     def _bad_indices(self) -> list[int]:
         return np.flatnonzero(np.frombuffer(self._bad, dtype=np.int8)).tolist()
 

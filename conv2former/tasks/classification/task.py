@@ -14,7 +14,7 @@ import torch.nn as nn
 from timm.data import Mixup, create_transform, resolve_data_config
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from ...engine.distributed import DistEnv
 from ...engine.options import RunOptions, non_negative_float, option, positive_int, probability, redefault
@@ -242,8 +242,7 @@ class ClassificationTask:
                  ) -> dict:
         """Loss, top-1 and top-5 (%) on every rank (reduced across ranks); ``result`` holds the full EvalResult."""
         o = self.options
-        sampler = DistributedSampler(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=False) \
-            if env.distributed else None
+        sampler = env.shard(len(dataset)) if env.distributed else None  # every image once, no padding
         loader = DataLoader(dataset, batch_size=o.batch_size, sampler=sampler, num_workers=o.workers,
                             pin_memory=env.device.type == 'cuda')
         result = evaluate(model, loader, env.device, len(dataset.class_names), amp_dtype=amp_dtype,

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from ...engine.distributed import DistEnv
 from ...visualize import detection_overlay
-from ..dense import DenseTask, image_tensor, same_data, shard
+from ..dense import DenseTask, image_tensor, same_data
 from .data import PennFudanDataset, build_detection_dataset, collate_detection, detection_transforms
 from .metrics import CocoEvaluator
 from .model import build_detector
@@ -79,7 +79,7 @@ class DetectionTask(DenseTask):
         model.eval()
         iou_types = ('bbox', 'segm') if self.masks_of(model) else ('bbox',)
         evaluator = CocoEvaluator(dataset.coco_gt(), iou_types=iou_types)
-        loader = DataLoader(dataset, batch_size=self.eval_batch_size, sampler=shard(len(dataset), env),
+        loader = DataLoader(dataset, batch_size=self.eval_batch_size, sampler=env.shard(len(dataset)),
                             num_workers=self.options.workers, collate_fn=collate_detection)
         for images, targets in tqdm(loader, desc='evaluate', unit='batch', disable=not progress, leave=False,
                                     dynamic_ncols=True):

@@ -16,7 +16,7 @@ from ...data import pair
 from ...engine.distributed import DistEnv
 from ...fileio import atomic_path
 from ...visualize import segmentation_overlay
-from ..dense import DenseTask, image_tensor, normalize, shard
+from ..dense import DenseTask, image_tensor, normalize
 from .data import build_segmentation_dataset, segmentation_transforms
 from .metrics import SegmentationMetric
 from .model import backbone_of, build_segmenter, predict_segmentation
@@ -85,7 +85,7 @@ class SegmentationTask(DenseTask):
         was_training = model.training
         model.eval()
         metric = SegmentationMetric(len(dataset.class_names), ignore_index=self.options.ignore_index)
-        loader = DataLoader(dataset, batch_size=1, sampler=shard(len(dataset), env), num_workers=self.options.workers)
+        loader = DataLoader(dataset, batch_size=1, sampler=env.shard(len(dataset)), num_workers=self.options.workers)
         for images, masks in tqdm(loader, desc='evaluate', unit='img', disable=not progress, leave=False,
                                   dynamic_ncols=True):
             with torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
