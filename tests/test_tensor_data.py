@@ -46,6 +46,12 @@ def test_cache_is_built_once_reused_and_rebuilt_when_the_data_changes(tmp_path):
     assert len(ds) == 24 and image.dtype == torch.uint8 and image.shape == (3, 16, 16) and target == 0
     expected = np.asarray(Image.open(sorted((data / 'train' / 'bright').iterdir())[0]).convert('RGB').resize((16, 16)))
     assert torch.equal(image, torch.from_numpy(expected.copy()).permute(2, 0, 1))
+    batch, targets = ds.__getitems__([3, 0, 5])  # one gather: the same pixels, channels-last for BatchAugment
+    assert torch.equal(batch, torch.stack([ds[i][0] for i in (3, 0, 5)])) and targets.tolist() == [0, 0, 0]
+    assert batch.is_contiguous(memory_format=torch.channels_last)
+    val = TensorImageDataset(cache, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))  # normalised batches (validation)
+    batch, _ = val.__getitems__([3, 0, 5])
+    assert batch.dtype == torch.float32 and torch.allclose(batch, torch.stack([val[i][0] for i in (3, 0, 5)]))
     assert build_tensor_cache(data / 'train', 16, _squash, 'squash', cache_dir=tmp_path / 'cache') == cache
     assert (cache / 'meta.json').stat().st_mtime_ns == stamp  # reused, not rebuilt
     other_size = build_tensor_cache(data / 'train', 8, lambda im: im.resize((8, 8)), 'squash',

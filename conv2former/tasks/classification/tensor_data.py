@@ -131,10 +131,7 @@ class TensorImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.targets)
 
-    @property
-    def batched(self) -> bool:
-        """Training batches are fetched whole (``__getitems__``): no per-sample work, no randomness."""
-        return self.mean is None
+    batched = True  # __getitems__ gives whole batches (collate with ``pass_batch``): load without workers
 
     def __getitem__(self, index: int):
         image = torch.from_numpy(np.array(self.images[index])).permute(2, 0, 1)
@@ -143,12 +140,12 @@ class TensorImageDataset(torch.utils.data.Dataset):
         return image, int(self.targets[index])
 
     def __getitems__(self, indices: list) -> tuple[torch.Tensor, torch.Tensor]:
-        """(uint8 (B, 3, H, W), int64 (B,)) of ``indices`` in one gather from the memory map (collate with
-        ``pass_batch``); normalised (validation) datasets give the samples one by one, for the default collate."""
-        if not self.batched:
-            return [self[i] for i in indices]
+        """(images (B, 3, H, W), int64 (B,)) of ``indices`` in one gather from the memory map: uint8 channels-last
+        (training: ``BatchAugment`` takes it from there), or normalised float32 (validation)."""
         order = np.asarray(indices, dtype=np.int64)
         images = torch.from_numpy(self.images[order]).permute(0, 3, 1, 2)  # channels-last, as BatchAugment wants
+        if self.mean is not None:
+            images = ((images.float() - self.mean) / self.std).contiguous()
         return images, torch.from_numpy(self.targets[order])
 
 
