@@ -254,13 +254,19 @@ def _posterize_any_bits(img: Image.Image, bits_to_keep: int, **_) -> Image.Image
 
 
 def allow_zero_bit_posterize(transform) -> Any:
-    """Make the RandAugment steps of a timm transform survive 0-bit posterize: timm's increasing policies (the
-    paper's ``rand-m9-mstd0.5-inc1``) draw 0 bits at magnitude >= 10 (about 1 image in 1,000 with mstd 0.5), which
-    Pillow >= 12 refuses with a ValueError that stops training. Returns ``transform``, changed in place."""
-    from timm.data.auto_augment import RandAugment
+    """Make the auto-augment steps of a timm transform survive 0-bit posterize: timm's policies draw 0 bits (the
+    paper's ``rand-m9-mstd0.5-inc1`` about once per 1,000 images, AutoAugment ``v0`` ~4 %, ``augmix-m9`` ~1 % of
+    images), which Pillow >= 12 refuses with a ValueError that stops training. Returns ``transform``, changed in
+    place."""
+    from timm.data.auto_augment import AugMixAugment, AutoAugment, RandAugment
     for step in getattr(transform, 'transforms', []):
-        if isinstance(step, RandAugment):
-            for op in step.ops:
-                if op.name.startswith('Posterize'):
-                    op.aug_fn = _posterize_any_bits
+        if isinstance(step, (RandAugment, AugMixAugment)):
+            ops = step.ops
+        elif isinstance(step, AutoAugment):
+            ops = [op for sub_policy in step.policy for op in sub_policy]
+        else:
+            continue
+        for op in ops:
+            if op.name.startswith('Posterize'):
+                op.aug_fn = _posterize_any_bits
     return transform
