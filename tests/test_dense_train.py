@@ -129,6 +129,13 @@ def test_segment_train_resumes_mid_epoch_exactly(tmp_path):
     assert result['inference'] == dict(mode='slide', crop_size=[32, 32], stride=[21, 21], scales=[0.75, 1.0],
                                        flip=True)
     assert 0 <= result['mIoU'] <= 100
+    # without --data (or any inference flag) the run's config.yaml supplies the data; an explicit --data agrees
+    assert main(['segment', 'eval', '--checkpoint', str(run), '-j', '0']) == 0
+    from_record = json.loads((run / 'eval_results.json').read_text())
+    assert from_record['data'] == str(data)
+    assert main(['segment', 'eval', '--checkpoint', str(run), '--data', str(data), '-j', '0']) == 0
+    explicit = json.loads((run / 'eval_results.json').read_text())
+    assert explicit['mIoU'] == pytest.approx(from_record['mIoU']) and explicit['inference'] == from_record['inference']
     image = data / 'val' / 'val0.jpg'
     assert main(['segment', 'predict', str(image), '--checkpoint', str(run), '--output-dir',
                  str(tmp_path / 'p')]) == 0
