@@ -210,6 +210,9 @@ class ClassificationTask:
             self.batch_augment = BatchAugment(self.data_config['input_size'][-1], scale=o.scale, hflip=o.hflip,
                                               mean=self.data_config['mean'], std=self.data_config['std'],
                                               re_prob=o.reprob, aa=o.aa, color_jitter=o.color_jitter)
+            if self.data_config['interpolation'] != 'bilinear':
+                _logger.info('--data-cache: the cache is built with %s interpolation; training crops are resized '
+                             'bilinearly', self.data_config['interpolation'])
             return
         train.transform = allow_zero_bit_posterize(create_transform(
             **self.data_config, is_training=True, scale=o.scale, hflip=o.hflip, color_jitter=o.color_jitter,
