@@ -143,6 +143,22 @@ def affine(x: torch.Tensor, maps: Sequence[tuple], fill: torch.Tensor) -> torch.
     return F.grid_sample(x - fill, grid, mode='bilinear', padding_mode='zeros', align_corners=False) + fill
 
 
+def _by_op(plans: list, position: int) -> dict:
+    """{op: [(image index, argument), ...]} of the images whose plan has a step at ``position``."""
+    groups = {}
+    for i, plan in enumerate(plans):
+        if position < len(plan):
+            op, arg = plan[position]
+            groups.setdefault(op, []).append((i, arg))
+    return groups
+
+
+def _apply_each(x: torch.Tensor, uses: list, op) -> None:
+    """``op(images, arguments)`` over the images ``uses`` names ((index, argument) pairs), written back into ``x``."""
+    index = torch.tensor([i for i, _ in uses], device=x.device)
+    x.index_copy_(0, index, op(x.index_select(0, index), [arg for _, arg in uses]))
+
+
 class BatchRandAugment:
     """timm's RandAugment policy ``config`` (e.g. ``rand-m9-mstd0.5-inc1``) applied per image, run op by op over the
     images that drew each op. ``img_size`` and ``mean`` set timm's hparams (translate_const, fill colour)."""
@@ -175,21 +191,14 @@ class BatchRandAugment:
         plans = self.draw(len(x))
         height, width = x.shape[2:]
         for position in range(max(map(len, plans), default=0)):
-            pixel_ops, moved = {}, []  # the geometric ops of all images at this position go in one resampling
-            for i, plan in enumerate(plans):
-                if position < len(plan):
-                    name, arg = plan[position]
-                    if name in GEOMETRIC:
-                        moved.append((i, _inverse_map(name, arg, height, width)))
-                    else:
-                        pixel_ops.setdefault(name, []).append((i, arg))
+            groups = _by_op(plans, position)
+            # the geometric ops of all images at this position go in one resampling
+            moved = [(i, _inverse_map(name, arg, height, width))
+                     for name in GEOMETRIC for i, arg in groups.pop(name, [])]
             if moved:
-                index = torch.tensor([i for i, _ in moved], device=x.device)
-                moved_images = affine(x.index_select(0, index), [m for _, m in moved], self.fill)
-                x.index_copy_(0, index, moved_images.clamp_(0, 255).floor_())  # truncated, as PIL does
-            for name, uses in pixel_ops.items():
-                index = torch.tensor([i for i, _ in uses], device=x.device)
-                x.index_copy_(0, index, PIXEL_OPS[name](x.index_select(0, index), [a for _, a in uses]))
+                _apply_each(x, moved, lambda images, maps: affine(images, maps, self.fill).clamp_(0, 255).floor_())
+            for name, uses in groups.items():
+                _apply_each(x, uses, PIXEL_OPS[name])
         return x
 
 
@@ -206,13 +215,10 @@ class BatchColorJitter:
         for _ in range(len(x)):
             order = torch.randperm(4).tolist()
             factors = [float(torch.empty(1).uniform_(*self.range)) for _ in range(3)]
-            plans.append([(k, factors[k]) for k in order if k < 3])
+            plans.append([(ops[k], factors[k]) for k in order if k < 3])
         for position in range(3):
-            for k in range(3):
-                uses = [(i, plan[position][1]) for i, plan in enumerate(plans) if plan[position][0] == k]
-                if uses:
-                    index = torch.tensor([i for i, _ in uses], device=x.device)
-                    x.index_copy_(0, index, ops[k](x.index_select(0, index), [f for _, f in uses]))
+            for op, uses in _by_op(plans, position).items():
+                _apply_each(x, uses, op)
         return x
 
 

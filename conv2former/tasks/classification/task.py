@@ -246,12 +246,9 @@ class ClassificationTask:
         """Loss, top-1 and top-5 (%) on every rank (reduced across ranks); ``result`` holds the full EvalResult."""
         o = self.options
         sampler = env.shard(len(dataset)) if env.distributed else None  # every image once, no padding
-        workers, collate = o.workers, None
-        if getattr(dataset, 'batched', False):  # the tensor cache: whole normalised batches, loaded without workers
-            from .tensor_data import pass_batch
-            workers, collate = 0, pass_batch
-        loader = DataLoader(dataset, batch_size=o.batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
-                            pin_memory=env.device.type == 'cuda')
+        workers = 0 if getattr(dataset, 'batched', False) else o.workers  # the tensor cache: whole batches in-process
+        loader = DataLoader(dataset, batch_size=o.batch_size, sampler=sampler, num_workers=workers,
+                            collate_fn=self.collate, pin_memory=env.device.type == 'cuda')
         result = evaluate(model, loader, env.device, len(dataset.class_names), amp_dtype=amp_dtype,
                           channels_last=o.channels_last, distributed=env.distributed, progress=progress)
         return dict(val_loss=result.loss, val_top1=result.top1, val_top5=result.top5, result=result)
