@@ -15,7 +15,7 @@ def build_options(task: str, options: dict, source: str = 'conv2former.train'):
     task_cls, options_cls = get_task(task)
     saved = None
     if options.get('resume'):
-        run_dir, _, saved = find_run(options['resume'])
+        run_dir, saved = find_run(options['resume'])
         if saved is None:
             raise ValueError(f'--resume {options["resume"]}: {run_dir} has no config.yaml, so its settings are unknown')
     return resolve(options_cls, options, task_cls.recipes, source, saved=saved)

@@ -57,6 +57,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:  # bad input: one clear message, no traceback
         print(f'conv2former: error: {e}', file=sys.stderr)
         return 2
+    except OSError as e:  # a write failed (fileio.StorageError names the path, the error and the last checkpoint)
+        print(f'conv2former: error: {e}', file=sys.stderr)
+        return 4
     except KeyboardInterrupt as e:  # training checkpoints first and says how to resume (engine.runtime.Interrupted)
         print(f'conv2former: {e or "interrupted"}', file=sys.stderr)
         return 130

@@ -14,13 +14,13 @@ import shutil
 import tarfile
 import tempfile
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
 
-__all__ = ['BUNDLED_DATASET', 'IMG_EXTENSIONS', 'extract_archive', 'find_split', 'list_images', 'load_rgb',
-           'resolve_data_dir', 'split_names']
+__all__ = ['BUNDLED_DATASET', 'IMG_EXTENSIONS', 'FileLister', 'extract_archive', 'find_split', 'list_images',
+           'load_rgb', 'resolve_data_dir', 'split_names']
 
 _logger = logging.getLogger(__name__)
 
@@ -271,10 +271,94 @@ def _is_empty(path: Any) -> bool:
         return False
 
 
+class FileLister:
+    """Lists the files below folders of one dataset, each real file once.
+
+    Symbolic links are resolved: a linked folder is entered only if it lies inside the dataset (``root``, or a
+    folder listed explicitly, e.g. a class folder that is itself a link) and was not entered before (a link to a
+    parent or to another listed folder would list files twice or under the wrong class); a file reached a second
+    time through a link is listed once. Everything left out is in ``skipped`` as ``(path, reason)`` and logged as a
+    warning naming it (``log``); with ``strict`` it raises ValueError instead. Hidden files and folders are skipped
+    silently.
+    """
+
+    def __init__(self, root: str | os.PathLike, strict: bool = False, log: bool = True):
+        self.root = Path(root)
+        self.strict, self.log = strict, log
+        self._inside = [Path(os.path.realpath(self.root))]
+        self._entered = {self._inside[0]}
+        self._files: set = set()
+        self.skipped: list[tuple[str, str]] = []
+
+    def reserve(self, folders) -> None:
+        """Mark ``folders`` (e.g. every class folder) as listed on their own: a link to one of them is skipped."""
+        for folder in folders:
+            real = Path(os.path.realpath(folder))
+            self._entered.add(real)
+            if not self._is_inside(real):
+                self._inside.append(real)
+
+    def _is_inside(self, real: Path) -> bool:
+        return any(real == r or r in real.parents for r in self._inside)
+
+    def _skip(self, path: Path, reason: str) -> None:
+        if self.strict:
+            raise ValueError(f'{path}: {reason} (left out without --strict)')
+        if self.log:
+            _logger.warning('skipping %s: %s', path, reason)
+        self.skipped.append((str(path), reason))
+
+    def _enter(self, folder: Path) -> bool:
+        real = Path(os.path.realpath(folder))
+        if real in self._entered:
+            parent = Path(os.path.realpath(folder.parent))
+            what = 'a parent folder' if real == parent or real in parent.parents else 'a folder already listed'
+            self._skip(folder, f'symbolic link to {what} ({real})')
+            return False
+        if not self._is_inside(real):
+            self._skip(folder, f'symbolic link to {real}, outside the dataset {self.root}')
+            return False
+        self._entered.add(real)
+        return True
+
+    def list(self, folder: str | os.PathLike, extensions: Sequence[str] = IMG_EXTENSIONS) -> list[Path]:
+        """Files below ``folder`` (recursively) whose names end in one of ``extensions``, sorted."""
+        folder = Path(folder)
+        real = Path(os.path.realpath(folder))
+        self._entered.add(real)
+        if not self._is_inside(real):
+            self._inside.append(real)
+        found = []
+        for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+            here = Path(dirpath)
+            keep = []
+            for name in sorted(dirnames):
+                sub = here / name
+                if name.startswith('.'):
+                    continue
+                if sub.is_symlink():
+                    if self._enter(sub):
+                        keep.append(name)
+                else:  # a real sub-folder: new, unless reached before through a link
+                    real_sub = Path(os.path.realpath(sub))
+                    if real_sub not in self._entered:
+                        self._entered.add(real_sub)
+                        keep.append(name)
+            dirnames[:] = keep
+            for name in sorted(filenames):
+                path = here / name
+                if name.startswith('.') or not name.lower().endswith(tuple(extensions)):
+                    continue
+                real_file = os.path.realpath(path)
+                if real_file in self._files:
+                    self._skip(path, f'a second path to {real_file}, listed once')
+                    continue
+                self._files.add(real_file)
+                found.append(path)
+        return found
+
+
 def list_images(folder: Path) -> list[Path]:
-    """Image files under ``folder``, recursively, skipping hidden files and folders (e.g. macOS '._*' files)."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith('.')]
-        found += [Path(dirpath) / f for f in filenames if not f.startswith('.') and f.lower().endswith(IMG_EXTENSIONS)]
-    return found
+    """Image files under ``folder``, recursively, each real file once (see :class:`FileLister`), skipping hidden
+    files and folders (e.g. macOS '._*' files)."""
+    return FileLister(folder).list(folder)

@@ -53,7 +53,7 @@ def test_model_folder_round_trip(tmp_path, x):
     model = _tiny()
     out = write_model_folder(model, tmp_path / 'm', model_args=dict(TINY), label_names=LABELS)
     assert out == tmp_path / 'm'
-    assert sorted(p.name for p in out.iterdir()) == ['config.json', 'model.safetensors']
+    assert sorted(p.name for p in out.iterdir()) == ['config.json', 'manifest.json', 'model.safetensors']
     cfg = json.loads((out / 'config.json').read_text())
     assert cfg['architecture'] == 'conv2former_n' and cfg['label_names'] == LABELS
     assert cfg['model_args']['depths'] == [1, 1, 1, 1] and cfg['model_args']['num_classes'] == 3

@@ -277,7 +277,7 @@ def test_corrupt_images_are_skipped_and_counted_or_fail_with_strict(tmp_path, to
     (data / 'train' / 'dark' / 'broken.png').write_bytes((data / 'train' / 'dark' / '0.png').read_bytes()[:60])
     assert main(_train_args(data, tmp_path, 'skip', '--epochs', '1', '-b', '8')) == 0
     log = (tmp_path / 'skip' / 'log.txt').read_text()
-    assert 'zero.png' in log and 'skipped 1 unreadable images' in log and 'broken.png' in log
+    assert 'zero.png' in log and 'skipped 1 file(s)' in log and 'broken.png' in log
     rc = main(_train_args(data, tmp_path, 'strict', '--epochs', '1', '-b', '8', '--strict'))
     assert rc == 2 and 'zero.png' in capsys.readouterr().err
 

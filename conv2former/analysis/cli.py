@@ -135,11 +135,10 @@ def run_cam(args: argparse.Namespace) -> int:
 
 
 def _add_common(p: argparse.ArgumentParser, num_images: int, output: str, images: bool = True) -> None:
-    from ..engine.options import keyword as model_kwargs
+    from ..engine.options import add_keywords_argument
     g = p.add_argument_group('model')
     g.add_argument('--model', help='registered model name (alone: random initialisation)')
-    g.add_argument('--model-kwargs', type=model_kwargs, action='append', default=[], metavar='KEY=VALUE',
-                   help='constructor kwargs, values as YAML (kernel_size=21, depths=[1,1,3,1])')
+    add_keywords_argument(g, default=[], help='constructor kwargs, values as YAML (kernel_size=21 depths=[1,1,3,1])')
     g.add_argument('--checkpoint', help='run folder, model folder, .safetensors or upstream .pth (with --model)')
     g.add_argument('--use-ema', action='store_true', help='use the EMA weights of the checkpoint')
     g.add_argument('--device', help="'cpu', 'cuda', ... (default cpu)")

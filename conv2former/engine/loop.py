@@ -28,9 +28,10 @@ from tqdm import tqdm
 from .distributed import DistEnv, cleanup_distributed, init_distributed
 from .options import as_dict
 from .report import write_report
-from .runtime import (AMP_DTYPES, Interrupted, RunLog, SeededDataset, StopRequest, derive_seed, diverged, open_run,
-                      optimizer_step, out_of_memory, seed_all, start_run, tensorboard_writer, warn_slow_amp,
-                      write_metrics)
+from .runlock import RunLock
+from .runtime import (AMP_DTYPES, Interrupted, RunLog, SeededDataset, StopRequest, TrainingDiverged, derive_seed,
+                      diverged, open_run, optimizer_step, out_of_memory, seed_all, start_run, tensorboard_writer,
+                      warn_slow_amp, write_metrics, writing)
 from .state import TrainState, checkpoint_name, find_resume_checkpoint, list_checkpoints, save_checkpoint
 from .task import Task
 
@@ -81,10 +82,10 @@ class Run:
 def fit(task: Task) -> dict:
     """Train ``task`` to the end (or on from its ``resume`` checkpoint); returns the final metrics and ``run_dir``."""
     env = init_distributed(task.options.device)
-    run_log, run = RunLog(env), None
+    run_log, run, lock = RunLog(env), None, RunLock()
     try:
         with StopRequest() as stop:
-            run = setup(task, env, run_log)
+            run = setup(task, env, run_log, lock)
             run.stop = stop
             for epoch in range(run.state.epoch, run.num_epochs):
                 row = train_one_epoch(run, epoch)
@@ -101,6 +102,7 @@ def fit(task: Task) -> dict:
         raise interrupted(run) from None
     finally:
         run_log.close()
+        lock.release()
         cleanup_distributed()
 
 
@@ -150,11 +152,12 @@ def _prepare_model(task: Task, env: DistEnv, resuming: bool, class_names) -> nn.
     return model.to(env.device)
 
 
-def setup(task: Task, env: DistEnv, run_log: RunLog) -> Run:
+def setup(task: Task, env: DistEnv, run_log: RunLog, lock: RunLock) -> Run:
     """Data, model, optimizer, schedule, scaler, EMA; restore the checkpoint when resuming; then the run folder
-    (a setup that fails leaves no folder and never touches an existing run's files)."""
+    (a setup that fails leaves no folder and never touches an existing run's files). ``lock`` keeps other
+    processes out of the run folder until the run ends."""
     o = task.options
-    run_dir, resume_from, saved = start_run(o, env, task.model_id, task.run_name)
+    run_dir, resume_from, saved = start_run(o, env, task.model_id, task.run_name, lock)
     warn_slow_amp(o.amp, env.device)
     train_ds, val_ds = _load_data(task, env)
     model = _prepare_model(task, env, saved is not None, train_ds.class_names)
@@ -181,10 +184,11 @@ def setup(task: Task, env: DistEnv, run_log: RunLog) -> Run:
                                  seed=o.seed, drop_last=True)
     if env.is_main:
         _logger.info('training %s on %s: %d classes, %d train / %d val images, %d steps/epoch x %d epochs, global '
-                     'batch %d, lr %.3g', task.model_id, o.data, len(train_ds.class_names), len(train_ds),
+                     'batch %d, lr %.3g', task.model_id, o.data or 'the bundled dataset (Fashion-MNIST subset)',
+                     len(train_ds.class_names), len(train_ds),
                      len(val_ds), steps_per_epoch, num_epochs, o.batch_size * o.grad_accum_steps * env.world_size,
                      max(g.get('initial_lr', g['lr']) for g in optimizer.param_groups))
-    open_run(run_dir, o, env, run_log)
+    open_run(run_dir, o, env, run_log, lock)
     return Run(task, env, run_dir, train_ds, val_ds, state, train_model, model, seeded_train, sampler,
                steps_per_epoch, num_epochs, AMP_DTYPES.get(o.amp), tb=tensorboard_writer(run_dir, env))
 
@@ -271,10 +275,27 @@ def checkpoint(run: Run) -> Path:
     """Write the training state as a checkpoint at its current position (rank 0 only)."""
     st = run.state
     ema = st.ema.module.state_dict() if st.ema is not None else None
-    return save_checkpoint(run.run_dir, checkpoint_name(st.epoch_number, st.step),
-                           lambda folder: run.task.write_model(run.model, folder, ema),
-                           st.state_dict(run.task.model_id, run.env, run.options.batch_size),
-                           keep=run.options.checkpoint_hist)
+    with writing(run.run_dir):
+        return save_checkpoint(run.run_dir, checkpoint_name(st.epoch_number, st.step),
+                               lambda folder: run.task.write_model(run.model, folder, ema),
+                               st.state_dict(run.task.model_id, run.env, run.options.batch_size),
+                               keep=run.options.checkpoint_hist)
+
+
+def _check_finite(run: Run, epoch: int, row: dict) -> None:
+    """Stop the run, as a non-finite training loss does, when the evaluation's loss / metric or the weights are not
+    finite: such an epoch is never checkpointed or kept as the best."""
+    bad = {k: v for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)
+           and (k == run.task.best_metric or 'loss' in k)}
+    weights_finite = all(bool(torch.isfinite(p).all()) for p in run.model.parameters())
+    if not run.env.all_true(not bad and weights_finite):  # every rank stops, whichever found it
+        what = ', '.join(f'{k} {v}' for k, v in bad.items()) or (
+            'the weights hold NaN or inf' if not weights_finite else 'another rank found NaN or inf')
+        last = list_checkpoints(run.run_dir)
+        raise TrainingDiverged(
+            f'{what} at the end of epoch {epoch + 1} (step {run.state.step}, lr {run.lr():.3g}); last good '
+            f'checkpoint: {last[-1] if last else "none yet"}. Try a lower --lr/--blr, --clip-grad 1.0, or --amp bf16 '
+            f'instead of fp16.')
 
 
 def evaluate(run: Run, model: nn.Module, progress: bool) -> Optional[dict]:
@@ -293,19 +314,21 @@ def end_epoch(run: Run, epoch: int, row: dict) -> None:
         if st.ema is not None:
             ema_eval = evaluate(run, st.ema.module, False)
             row[task.ema_metric] = ema_eval[task.best_metric] if ema_eval else None
+    _check_finite(run, epoch, row)
     st.history.append(row)
     st.epoch, st.next_batch, st.epoch_loss = epoch + 1, 0, (0.0, 0, 0)
     if env.is_main:
         _logger.info('epoch %d: %s', epoch + 1, json.dumps(row))
         value = row.get(task.best_metric)
-        improved = value is not None and (st.best is None or value > st.best['value'])
-        if improved:
+        improved = value is not None and math.isfinite(value) and (st.best is None or value > st.best['value'])
+        if improved:  # best/ before the checkpoint: a crash in between repeats the epoch, which writes it again
             st.best = dict(epoch=epoch + 1, metric=task.best_metric, value=value)
-        checkpoint(run)
-        if improved:
-            task.write_model(run.model, run.run_dir / 'best',
-                             st.ema.module.state_dict() if st.ema is not None else None)
-        write_metrics(run.run_dir, st.history, st.lr_points)
+            with writing(run.run_dir):
+                task.write_model(run.model, run.run_dir / 'best',
+                                 st.ema.module.state_dict() if st.ema is not None else None)
+        last = checkpoint(run)
+        with writing(run.run_dir, last):
+            write_metrics(run.run_dir, st.history, st.lr_points)
         if run.tb is not None:
             for key, value in row.items():
                 if key != 'epoch' and isinstance(value, (int, float)):
@@ -326,10 +349,14 @@ def finish(run: Run) -> dict:
     if st.best is not None:
         final.update(best_epoch=st.best['epoch'], **{task.best_key: st.best['value']})
     if run.env.is_main:
-        task.write_model(run.model, run.run_dir / 'last', st.ema.module.state_dict() if st.ema is not None else None)
-        images = task.finish(run.model, run.val_ds, run.run_dir, final, run.last_eval)
-        write_report(run.run_dir, as_dict(task.options), {k: v for k, v in final.items() if not isinstance(v, dict)},
-                     title=task.title, columns=task.columns, metric_curves=task.curves,
-                     metric_label=task.metric_label, images=images)
+        with writing(run.run_dir):
+            write_metrics(run.run_dir, st.history, st.lr_points)  # again: a crash may have come right before them
+            task.write_model(run.model, run.run_dir / 'last',
+                             st.ema.module.state_dict() if st.ema is not None else None)
+            images = task.finish(run.model, run.val_ds, run.run_dir, final, run.last_eval)
+            write_report(run.run_dir, as_dict(task.options),
+                         {k: v for k, v in final.items() if not isinstance(v, dict)}, title=task.title,
+                         columns=task.columns, metric_curves=task.curves, metric_label=task.metric_label,
+                         images=images)
         _logger.info('run folder: %s', run.run_dir)
     return dict(final, run_dir=str(run.run_dir))

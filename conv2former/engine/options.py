@@ -28,6 +28,13 @@ def positive_int(value) -> int:
     return n
 
 
+def non_negative_int(value) -> int:
+    n = int(value)
+    if n < 0 or n != float(value):
+        raise argparse.ArgumentTypeError(f'expected an integer >= 0, got {value}')
+    return n
+
+
 def non_negative_float(value) -> float:
     x = float(value)
     if not x >= 0:
@@ -47,9 +54,20 @@ def keyword(value) -> dict:
     if isinstance(value, dict):
         return {str(k).replace('-', '_'): v for k, v in value.items()}
     if not isinstance(value, str) or '=' not in value:
-        raise argparse.ArgumentTypeError(f'expected key=value, got {value!r}')
+        raise argparse.ArgumentTypeError(f'expected KEY=VALUE, got {value!r} (a flag taking KEY=VALUE pairs takes '
+                                         f'every word after it: put other arguments before it, or end it with --)')
     key, raw = value.split('=', 1)
     return {key.strip().replace('-', '_'): yaml.safe_load(raw)}
+
+
+def add_keywords_argument(parser, *flags: str, dest: str = 'model_kwargs', help: str = '',
+                          default: Any = None, metavar: str = 'KEY=VALUE') -> None:
+    """The one grammar of ``--model-kwargs`` (and ``--backbone-kwargs``) in every command, as in timm's train.py:
+    one or more ``KEY=VALUE`` per flag, the flag repeatable, values parsed as YAML; ``default`` None keeps the
+    flag out of the namespace when not given (training options), else e.g. ``[]``."""
+    parser.add_argument(*(flags or ('--model-kwargs',)), dest=dest, action='extend', nargs='+', type=keyword,
+                        metavar=metavar, help=help,
+                        default=argparse.SUPPRESS if default is None else default)
 
 
 def keywords(values) -> dict:
@@ -104,7 +122,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
         elif meta['kind'] == 'bool':
             kwargs.update(action=argparse.BooleanOptionalAction)
         elif meta['kind'] == 'keywords':
-            kwargs.update(action='extend', nargs='+', type=keyword, metavar=meta['metavar'] or 'KEY=VALUE')
+            add_keywords_argument(group, *meta['flags'], dest=f.name, help=kwargs['help'],
+                                  metavar=meta['metavar'] or 'KEY=VALUE')
+            continue
         else:
             kwargs.update(type=meta['type'], choices=meta['choices'], nargs=meta['nargs'], metavar=meta['metavar'])
             if meta['const'] is not None:
@@ -277,7 +297,8 @@ class RunOptions:
     sync_bn: bool = option(False, '--sync-bn', kind='flag', help='synchronised BatchNorm across processes (CUDA)',
                            group='model')
 
-    checkpoint_steps: int = option(0, '--checkpoint-steps', type=int, help='also checkpoint every N optimizer steps',
+    checkpoint_steps: int = option(0, '--checkpoint-steps', type=non_negative_int,
+                                   help='also checkpoint every N optimizer steps (0: only at the end of each epoch)',
                                    group='checkpoints and logging')
     checkpoint_hist: int = option(3, '--checkpoint-hist', type=positive_int, help='keep the last N checkpoints',
                                   group='checkpoints and logging')

@@ -2,6 +2,7 @@
 metric files, TensorBoard, and the messages for a diverged loss or a CUDA out-of-memory error."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -22,10 +23,11 @@ from torch.utils.data import Dataset
 
 import yaml
 
-from ..fileio import atomic_write_text
+from ..fileio import StorageError, atomic_write_text, folder_problems
 from .distributed import DistEnv
 from .options import as_dict
-from .state import find_resume_checkpoint, list_checkpoints, load_train_state
+from .runlock import RunFolderBusy, RunLock
+from .state import STATE_FILE, find_resume_checkpoint, list_checkpoints, load_train_state
 
 AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
 
@@ -187,41 +189,108 @@ def out_of_memory(what: str, batch_size: int, grad_accum_steps: int, amp: Option
         f'--grad-checkpointing, --amp bf16.')
 
 
-def find_run(resume) -> tuple[Path, Path, Optional[dict]]:
-    """(run folder, checkpoint, the run's saved options or None) of ``--resume RUN``."""
-    checkpoint = find_resume_checkpoint(resume)
-    run_dir = checkpoint.parent.parent  # <run>/checkpoints/<name>
+def find_run(resume) -> tuple[Path, Optional[dict]]:
+    """(run folder, the run's saved options or None) of ``--resume RUN`` (a run folder or one of its checkpoints)."""
+    path = Path(resume)
+    run_dir = path.parent.parent if (path / STATE_FILE).is_file() else path  # <run>/checkpoints/<name>
+    if not list_checkpoints(run_dir):
+        find_resume_checkpoint(path)  # raises the error that says what a resumable folder holds
     config = run_dir / 'config.yaml'
-    return run_dir, checkpoint, yaml.safe_load(config.read_text()) if config.is_file() else None
+    return run_dir, yaml.safe_load(config.read_text()) if config.is_file() else None
 
 
-def start_run(options, env: DistEnv, model_id: str, default_name: str
+def _lock(lock: RunLock, run_dir: Path, env: DistEnv) -> None:
+    """Rank 0 takes the run folder's lock; every rank fails if it cannot."""
+    error = None
+    if env.is_main:
+        try:
+            lock.acquire(run_dir)
+        except RunFolderBusy as e:
+            error = e
+    if not env.all_true(error is None):
+        raise error or RunFolderBusy(f'{run_dir} is in use by another run (refused on rank 0)')
+    lock.run_dir = run_dir  # on every rank: the folder is taken
+
+
+def start_run(options, env: DistEnv, model_id: str, default_name: str, lock: RunLock
               ) -> tuple[Path, Optional[Path], Optional[dict]]:
-    """Resolve the run folder (``resume`` or ``output/experiment``, else ``default_name-<date>-<time>``), refuse to
-    overwrite a run or to resume another model's, seed. Nothing is written yet (see ``open_run``). Returns (run
-    folder, checkpoint resumed from or None, its training state or None)."""
+    """Resolve the run folder (``resume`` or ``output/experiment``, else ``default_name-<date>-<time>``), take its
+    lock when it exists, refuse to overwrite a run or to resume another model's, seed. Nothing is written yet (see
+    ``open_run``). Returns (run folder, checkpoint resumed from or None, its training state or None)."""
     if options.resume:
-        run_dir, resume_from, _ = find_run(options.resume)
+        run_dir, _ = find_run(options.resume)
+        with writing(run_dir, None):
+            _lock(lock, run_dir, env)
+        resume_from = find_resume_checkpoint(options.resume)
+        for folder in (run_dir / 'best', run_dir / 'last'):
+            problems = folder_problems(folder) if folder.is_dir() else []
+            if problems:
+                logging.getLogger('conv2former.train').warning(
+                    '%s; %s/ is written again when %s', problems[0], folder.name,
+                    'an epoch beats the best so far' if folder.name == 'best' else 'the run ends')
         state = load_train_state(resume_from)
         if state['model'] != model_id:
             raise ValueError(f'--resume {resume_from} is a {state["model"]} run, but this run is {model_id}')
     else:
         resume_from, state = None, None
         run_dir = Path(options.output) / (options.experiment or f'{default_name}-{datetime.now():%Y%m%d-%H%M%S}')
-        if list_checkpoints(run_dir):
-            raise ValueError(f'{run_dir} already holds a run: continue it with --resume {run_dir}, or choose another '
-                             f'--experiment / --output')
+        if run_dir.is_dir():
+            with writing(run_dir, None):
+                _lock(lock, run_dir, env)
+        _refuse_existing(run_dir)
     seed_all(derive_seed(options.seed, env.rank))
     return run_dir, resume_from, state
 
 
-def open_run(run_dir: Path, options, env: DistEnv, run_log: RunLog) -> None:
-    """Once the run is set up: create its folder, write ``config.yaml`` (what runs) and start ``log.txt``."""
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / 'config.yaml', yaml.safe_dump(as_dict(options), sort_keys=True))
-        run_log.open(run_dir)
+def _refuse_existing(run_dir: Path) -> None:
+    if list_checkpoints(run_dir):
+        raise ValueError(f'{run_dir} already holds a run: continue it with --resume {run_dir}, or choose another '
+                         f'--experiment / --output')
+
+
+def open_run(run_dir: Path, options, env: DistEnv, run_log: RunLog, lock: RunLock) -> None:
+    """Once the run is set up: create its folder (and take its lock), write ``config.yaml`` (what runs) and start
+    ``log.txt``."""
+    with writing(run_dir, None):
+        if env.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        if lock.run_dir is None:
+            _lock(lock, run_dir, env)
+            if not options.resume:  # another run may have started and checkpointed here since start_run looked
+                _refuse_existing(run_dir)
+        if env.is_main:
+            atomic_write_text(run_dir / 'config.yaml', yaml.safe_dump(as_dict(options), sort_keys=True))
+            run_log.open(run_dir)
     env.barrier()
+
+
+def _written_path(path: Path) -> str:
+    """The path a write was for: ``<dir>/.<name>.tmp-<tag>/<file>`` (an atomic write's temporary folder, removed
+    after a failure) is reported as ``<dir>/<name> (<file>)``."""
+    parts = list(path.parts)
+    for i, part in enumerate(parts):
+        if part.startswith('.') and '.tmp-' in part:
+            inner = Path(*parts[i + 1:]).name if i + 1 < len(parts) else ''
+            final = Path(*parts[:i]) / part.lstrip('.').split('.tmp-')[0]
+            return f'{final} ({inner})' if inner else str(final)
+    return str(path)
+
+
+@contextlib.contextmanager
+def writing(run_dir: Path, last_checkpoint: Optional[Path] = None):
+    """Turn an OSError of a write in the block (read-only or full disk, permissions) into one ``StorageError``
+    line that names the path, the OS error, the last good checkpoint and how to go on."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except OSError as e:
+        path = _written_path(Path(e.filename)) if e.filename else run_dir
+        reason = e.strerror or str(e) or type(e).__name__
+        last = last_checkpoint or (list_checkpoints(run_dir) or [None])[-1]
+        then = (f'the last good checkpoint, {last}, is intact: make room or fix permissions, then resume with '
+                f'--resume {run_dir}' if last else 'no checkpoint was written yet')
+        raise StorageError(f'cannot write {path}: {reason}; {then}') from None
 
 
 def optimizer_step(optimizer, scaler, model: torch.nn.Module, clip_grad: Optional[float]) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import random
 import re
 import shutil
@@ -21,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 from timm.scheduler import PlateauLRScheduler
 
+from ..fileio import MANIFEST_NAME, DamagedFileError, atomic_folder, folder_problems, require_intact, save_torch
 from .distributed import DistEnv
 
 STATE_FILE = 'train_state.pt'
@@ -61,24 +61,17 @@ def save_checkpoint(
         train_state: dict,
         keep: int = 3,
 ) -> Path:
-    """Write ``run_dir/checkpoints/<name>`` atomically and keep only the newest ``keep`` checkpoints.
+    """Write ``run_dir/checkpoints/<name>`` atomically (``fileio.atomic_folder``: a manifest of sizes and hashes,
+    then one rename) and keep only the newest ``keep`` checkpoints.
 
-    ``write_model(folder)`` writes the model folder (the task's ``write_model``) into a temporary folder that becomes
-    the checkpoint.
+    ``write_model(folder)`` writes the model folder (the task's ``write_model``) into the temporary folder that
+    becomes the checkpoint; it must not write a manifest of its own (``manifest=False`` inside).
     """
     final = run_dir / CHECKPOINTS / name
-    tmp = final.with_name(f'.{name}.tmp-{os.getpid()}')
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    write_model(tmp)
-    torch.save(train_state, tmp / STATE_FILE)
-    if final.exists():  # re-saving the same position (e.g. after a resume): swap, never leave a gap in between
-        stale = final.with_name(f'.{name}.stale-{os.getpid()}')
-        os.rename(final, stale)
-        os.rename(tmp, final)
-        shutil.rmtree(stale)
-    else:
-        os.rename(tmp, final)
+    with atomic_folder(final) as tmp:
+        write_model(tmp)
+        (tmp / MANIFEST_NAME).unlink(missing_ok=True)  # the checkpoint's manifest covers train_state.pt too
+        save_torch(train_state, tmp / STATE_FILE)
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old)
     return final
@@ -90,25 +83,60 @@ def list_checkpoints(run_dir: Path) -> list:
     if not folder.is_dir():
         return []
     found = [p for p in folder.iterdir() if _NAME.match(p.name) and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: tuple(int(g) for g in _NAME.match(p.name).groups()))
+    return sorted(found, key=checkpoint_position)
+
+
+def checkpoint_position(path: Path) -> tuple[int, int]:
+    """(epoch, step) of a checkpoint folder's name."""
+    return tuple(int(g) for g in _NAME.match(Path(path).name).groups())
 
 
 def find_resume_checkpoint(path: Path) -> Path:
-    """A checkpoint folder, or the newest complete checkpoint of a run folder."""
+    """A checkpoint folder, or the newest intact checkpoint of a run folder. Damaged checkpoints (a file truncated
+    or changed since it was written) are passed over with a warning that says what falling back costs."""
     path = Path(path)
     if (path / STATE_FILE).is_file():
+        require_intact(path)
         return path
     checkpoints = list_checkpoints(path)
     if not checkpoints:
         raise FileNotFoundError(
             f'--resume {path}: no complete checkpoint there (expected a run folder with {CHECKPOINTS}/epoch-*-step-*/'
             f'{STATE_FILE}, or such a checkpoint folder)')
-    return checkpoints[-1]
+    damaged = []
+    for checkpoint in reversed(checkpoints):
+        problems = folder_problems(checkpoint)
+        if not problems:
+            break
+        damaged.append((checkpoint, problems[0]))
+    else:
+        raise DamagedFileError(f'--resume {path}: every checkpoint is damaged: ' +
+                               '; '.join(problem for _, problem in damaged))
+    if damaged:
+        lost = checkpoint_position(damaged[0][0])[1] - checkpoint_position(checkpoint)[1]
+        logging.getLogger('conv2former.train').warning(
+            'skipping %d damaged checkpoint(s): %s; resuming from %s instead, which repeats %d optimizer step(s)',
+            len(damaged), '; '.join(problem for _, problem in damaged), checkpoint.name, lost)
+    return checkpoint
 
 
 def load_train_state(checkpoint_dir: Path) -> dict:
     """The training state, read with ``weights_only=True`` (tensors and plain containers only)."""
-    return torch.load(Path(checkpoint_dir) / STATE_FILE, map_location='cpu', weights_only=True)
+    file = Path(checkpoint_dir) / STATE_FILE
+    try:
+        return torch.load(file, map_location='cpu', weights_only=True)
+    except (RuntimeError, EOFError, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise DamagedFileError(f'{file} is truncated or corrupt ({str(e).splitlines()[0] if str(e) else e!r})') \
+            from None
+
+
+def _load_weights(file: Path, device) -> dict:
+    try:
+        return load_file(str(file), device=str(device))
+    except Exception as e:  # noqa: BLE001 - SafetensorError
+        raise DamagedFileError(f'{file} is truncated or corrupt ({e})') from None
 
 
 @dataclasses.dataclass
@@ -150,10 +178,10 @@ class TrainState:
             raise ValueError(
                 f'{checkpoint} stopped mid-epoch with {state["world_size"]} processes x -b {state["batch_size"]}; '
                 f'resume it with the same (got {env.world_size} x {batch_size}) or from an epoch-end checkpoint')
-        self.model.load_state_dict(load_file(str(checkpoint / 'model.safetensors'), device=str(env.device)))
+        self.model.load_state_dict(_load_weights(checkpoint / 'model.safetensors', env.device))
         ema_file = checkpoint / 'model_ema.safetensors'
         if self.ema is not None and ema_file.is_file():
-            self.ema.module.load_state_dict(load_file(str(ema_file), device=str(env.device)))
+            self.ema.module.load_state_dict(_load_weights(ema_file, env.device))
         self.optimizer.load_state_dict(state['optimizer'])
         if isinstance(self.scheduler, PlateauLRScheduler):  # the one schedule whose state is progress
             self.scheduler.load_state_dict(state['scheduler'])

@@ -42,7 +42,10 @@ def load_state_dict_file(path: Union[str, Path]) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f'checkpoint file not found: {path}')
     if path.suffix == '.safetensors':
-        return safetensors.torch.load_file(str(path))
+        try:
+            return safetensors.torch.load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - SafetensorError and the header's decoding errors
+            raise ValueError(f'{path} is truncated or corrupt ({type(e).__name__}: {e})') from None
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location='cpu', weights_only=True)
@@ -51,8 +54,9 @@ def load_state_dict_file(path: Union[str, Path]) -> dict:
             f'refused to load {path}: it holds pickled Python objects other than tensors and plain containers, '
             f'and loading it would run their code. Only weights are read (weights_only=True); re-save it as a '
             f'plain state_dict or .safetensors. ({e})') from None
-    except RuntimeError as e:
-        raise ValueError(f'{path} is not a readable PyTorch checkpoint or safetensors file: {e}') from None
+    except (RuntimeError, EOFError) as e:
+        raise ValueError(f'{path} is truncated, corrupt or not a PyTorch checkpoint / safetensors file: '
+                         f'{str(e).splitlines()[0] if str(e) else type(e).__name__}') from None
     if not isinstance(obj, Mapping):
         raise ValueError(f'{path} holds a {type(obj).__name__}, expected a dict of tensors (a state_dict)')
     return dict(obj)

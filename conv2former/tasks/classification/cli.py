@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from ...engine.distributed import launched_as_main
-from ...engine.options import add_arguments, keywords, positive_int
+from ...engine.options import add_arguments, add_keywords_argument, keywords, positive_int
 from .task import ClassificationOptions
 
 
@@ -29,9 +30,10 @@ def _load(args: argparse.Namespace, device):
     """(model, class names, data config) of ``--checkpoint`` with the command's model and preprocessing flags."""
     from timm.data import resolve_data_config
     from .inference import load_model
-    model, class_names, _ = load_model(args.checkpoint, args.model, use_ema=args.use_ema, device=device,
-                                       **keywords(args.model_kwargs))
     overrides = dict(img_size=args.img_size, crop_pct=args.crop_pct, interpolation=args.interpolation)
+    model, class_names, _ = load_model(args.checkpoint, args.model, use_ema=args.use_ema, device=device,
+                                       preprocessing_given=any(v is not None for v in overrides.values()),
+                                       **keywords(args.model_kwargs))
     data_config = resolve_data_config({k: v for k, v in overrides.items() if v is not None}, model=model)
     return model, class_names, data_config
 
@@ -73,6 +75,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
 
     from ...engine.runtime import AMP_DTYPES, warn_slow_amp
+    from ...fileio import StorageError
     from .evaluate import evaluate, save_confusion_matrix_png, write_results
 
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
@@ -91,10 +94,16 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     checkpoint = Path(args.checkpoint)
     results_file = Path(args.results_file or (checkpoint if checkpoint.is_dir() else checkpoint.parent)
                         / 'validate_results.json')
-    write_results(result, dataset.class_names,
-                  json_path=results_file if results_file.suffix != '.csv' else None,
-                  csv_path=results_file if results_file.suffix == '.csv' else None, extra=extra)
-    png = save_confusion_matrix_png(result.confusion, dataset.class_names, results_file.with_suffix('.png'))
+    try:
+        write_results(result, dataset.class_names,
+                      json_path=results_file if results_file.suffix != '.csv' else None,
+                      csv_path=results_file if results_file.suffix == '.csv' else None, extra=extra)
+        png = save_confusion_matrix_png(result.confusion, dataset.class_names, results_file.with_suffix('.png'))
+    except OSError as e:
+        print(f'top-1 {result.top1:.2f}%  top-5 {result.top5:.2f}%  loss {result.loss:.4f}  '
+              f'({result.num_samples} images, {dataset.num_skipped} skipped)')
+        raise StorageError(f'cannot write {results_file}: {e.strerror or e}; pass --results-file FILE in a writable '
+                           f'folder') from None
     print(f'top-1 {result.top1:.2f}%  top-5 {result.top5:.2f}%  loss {result.loss:.4f}  '
           f'({result.num_samples} images, {dataset.num_skipped} skipped)')
     width = max(len(n) for n in dataset.class_names)
@@ -108,9 +117,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from .inference import format_predictions, predict
     model, class_names, data_config = _load(args, args.device or 'cpu')
     results = predict(model, args.images, data_config, class_names=class_names, topk=args.topk,
-                      batch_size=args.batch_size, device=args.device or 'cpu')
+                      batch_size=args.batch_size, device=args.device or 'cpu', skip_unreadable=True)
     print(json.dumps(results, indent=2) if args.json else format_predictions(results))
-    return 0
+    failed = [r for r in results if 'error' in r]
+    for r in failed:
+        print(f'conv2former: error: {r["error"]}', file=sys.stderr)
+    if failed:
+        print(f'conv2former: {len(failed)} of {len(results)} images could not be classified', file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -134,7 +148,8 @@ def _export_record(model, class_names, data_config: dict, size: int) -> dict:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from ...fileio import CONFIG_NAME, WEIGHTS_NAME, atomic_write_text
-    from .inference import export_onnx, export_torch, onnx_input_shape
+    from .inference import (export_onnx, export_torch, fixed_size_reason, onnx_input_shape, onnx_metadata,
+                            pt2_input_shape)
     if (args.output / WEIGHTS_NAME).is_file():
         raise ValueError(f'--output {args.output} is a model folder: the export\'s {CONFIG_NAME} would replace its '
                          f'own; choose another folder')
@@ -146,9 +161,16 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.format in ('onnx', 'all'):
         onnx_path = export_onnx(model, args.output / 'model.onnx', size, in_chans=in_chans, metadata=record)
         record['onnx_input'] = onnx_input_shape(onnx_path)
+        if 'fixed_size_reason' in onnx_metadata(onnx_path):
+            record['onnx_fixed_size_reason'] = onnx_metadata(onnx_path)['fixed_size_reason']
         print(f'ONNX: {onnx_path} (input {record["onnx_input"]})')
     if args.format in ('torch', 'all'):
-        print(f'torch.export: {export_torch(model, args.output / "model.pt2", size, in_chans=in_chans)}')
+        pt2_path = export_torch(model, args.output / 'model.pt2', size, in_chans=in_chans)
+        record['pt2_input'] = pt2_input_shape(pt2_path)
+        if not all(isinstance(d, str) for d in record['pt2_input'][2:]):
+            record['pt2_fixed_size_reason'] = fixed_size_reason(model, size) or \
+                'torch.export could not make height and width dynamic (the log says why)'
+        print(f'torch.export: {pt2_path} (input {record["pt2_input"]})')
     atomic_write_text(args.output / CONFIG_NAME, json.dumps(record, indent=2) + '\n')
     print(f'class names and preprocessing: {args.output / CONFIG_NAME}')
     return 0
@@ -159,8 +181,8 @@ def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
                    help='run folder, model folder (config.json + model.safetensors), or a weights file (with '
                         '--model unless a config.json lies beside it)')
     p.add_argument('--model', help='model name, needed for a weights file without a config.json beside it')
-    p.add_argument('--model-kwargs', action='append', default=[], metavar='KEY=VALUE',
-                   help='model constructor keywords of a weights file, e.g. kernel_size=7 (repeatable)')
+    add_keywords_argument(p, default=[], help='model constructor keywords of a weights file, e.g. kernel_size=7 '
+                                              'dims=[64,128,256,512] (one or more, as in train)')
     p.add_argument('--use-ema', action='store_true', help='use the EMA weights of the checkpoint')
 
 
@@ -194,7 +216,8 @@ def add_parsers(sub) -> None:
     p.add_argument('--device')
     p.add_argument('--amp', nargs='?', const='bf16', choices=['bf16', 'fp16'])
     p.add_argument('--channels-last', action='store_true')
-    p.add_argument('--strict', action='store_true', help='fail on unreadable images instead of skipping them')
+    p.add_argument('--strict', action='store_true',
+                   help='fail on unreadable images (and links left out of the listing) instead of skipping them')
     p.add_argument('--results-file', help='.json or .csv (default: validate_results.json in the checkpoint folder, '
                                           'or beside a weights file)')
     p.set_defaults(func=_cmd_validate)
@@ -213,7 +236,7 @@ def add_parsers(sub) -> None:
     p.add_argument('src')
     p.add_argument('--model', required=True, help='registered model name of the checkpoint')
     p.add_argument('--output', required=True, type=Path)
-    p.add_argument('--model-kwargs', action='append', default=[], metavar='KEY=VALUE')
+    add_keywords_argument(p, default=[], help='model constructor keywords (one or more, as in train)')
     p.add_argument('--labels', help='text file with one class name per line')
     p.set_defaults(func=_cmd_convert)
 

@@ -12,8 +12,9 @@ from typing import Any, Callable
 import numpy as np
 import torch.utils.data
 from PIL import Image
+from tqdm import tqdm
 
-from ...data import IMG_EXTENSIONS, _default_cache_dir, find_split, list_images, load_rgb
+from ...data import IMG_EXTENSIONS, FileLister, _default_cache_dir, find_split, load_rgb
 
 __all__ = ['ImageFolderDataset', 'TimmSourceDataset', 'build_datasets', 'build_timm_datasets', 'is_timm_source']
 
@@ -24,12 +25,13 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     """``<root>/<class>/**/<image>`` → ``(transform(load_rgb(image)), class_index)``.
 
     Classes are the sorted sub-folder names of ``root`` (hidden ones ignored), or ``class_names`` in the given order
-    (which then fixes the class indices and must name exactly those folders). Zero-byte files are skipped when the
-    dataset is built; unreadable images are skipped when loaded, with a warning: the next readable sample is returned
-    in its place, or with ``mark_unreadable`` (evaluation) a blank image with target -1, which ``evaluate`` leaves
-    out of every metric. ``strict=True`` raises ValueError for either instead. ``num_skipped`` and ``skipped`` (list
-    of ``(path, reason)``) count both kinds, including skips inside DataLoader worker processes (the unreadable flags
-    live in shared memory).
+    (which then fixes the class indices and must name exactly those folders). Each real file is listed once
+    (symbolic links resolved; links to parent, other listed or outside folders left out: ``data.FileLister``) and
+    zero-byte files are skipped when the dataset is built; unreadable images are skipped when loaded, with a
+    warning: the next readable sample is returned in its place, or with ``mark_unreadable`` (evaluation) a blank
+    image with target -1, which ``evaluate`` leaves out of every metric. ``strict=True`` raises ValueError for any
+    of these instead. ``num_skipped`` and ``skipped`` (list of ``(path, reason)``) count all of them, including
+    skips inside DataLoader worker processes (the unreadable flags live in shared memory).
     """
 
     def __init__(
@@ -57,37 +59,42 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                                  f'found {found} (missing folders: {sorted(set(class_names) - set(found))}, '
                                  f'unexpected folders: {sorted(set(found) - set(class_names))})')
         self.class_names: list[str] = list(class_names) if class_names is not None else found
-        self._empty: list[tuple[str, str]] = []
-        samples = []
+        lister = FileLister(self.root, strict=strict, log=False)
+        lister.reserve(self.root / name for name in self.class_names)
+        samples, empty = [], []
         for idx, name in enumerate(self.class_names):
-            files = list_images(self.root / name)
+            files = lister.list(self.root / name)
             if not files:
                 _logger.warning('class folder %s holds no images (%s)', self.root / name, ', '.join(IMG_EXTENSIONS))
             for f in files:
                 if f.stat().st_size == 0:
                     if strict:
                         raise ValueError(f'empty (zero-byte) image file: {f}')
-                    self._empty.append((str(f), 'empty (zero-byte) file'))
+                    empty.append((str(f), 'empty (zero-byte) file'))
                     continue
                 samples.append((str(f), idx))
         if not samples:
             raise ValueError(f'no readable images ({", ".join(IMG_EXTENSIONS)}) in {self.root}; '
                              f'expected <root>/<class>/<image>')
-        if self._empty:
-            _logger.warning('%s: skipped %d zero-byte file(s), e.g. %s', self.root, len(self._empty),
-                            self._empty[0][0])
+        if empty:
+            _logger.warning('%s: skipped %d zero-byte file(s), e.g. %s', self.root, len(empty), empty[0][0])
+        if lister.skipped:
+            _logger.warning('%s: left %d symbolic link(s) out, e.g. %s (%s)', self.root, len(lister.skipped),
+                            *lister.skipped[0])
+        self._listing_skips: list[tuple[str, str]] = lister.skipped + empty  # links left out, zero-byte files
         self.samples: list[tuple[str, int]] = sorted(samples)
         self.targets: list[int] = [t for _, t in self.samples]
         self._bad = multiprocessing.RawArray('b', len(self.samples))  # 1 = unreadable; shared with forked workers
 
     @property
     def skipped(self) -> list[tuple[str, str]]:
-        """``(path, reason)`` of every file skipped so far (zero-byte ones, then those found unreadable)."""
-        return self._empty + [(self.samples[i][0], 'unreadable image') for i in self._bad_indices()]
+        """``(path, reason)`` of every file skipped so far (links left out of the listing and zero-byte files,
+        then those found unreadable)."""
+        return self._listing_skips + [(self.samples[i][0], 'unreadable image') for i in self._bad_indices()]
 
     @property
     def num_skipped(self) -> int:
-        return len(self._empty) + len(self._bad_indices())
+        return len(self._listing_skips) + len(self._bad_indices())
 
     def merge_skipped(self, env) -> None:
         """Under torchrun each rank finds the unreadable images of the samples it read: make every rank's count the
@@ -119,6 +126,26 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 return (self.transform(blank) if self.transform is not None else blank), -1
         raise RuntimeError(f'no readable image in {self.root} ({n} files tried, all unreadable)')
 
+    def check_readable(self, workers: int = 2, progress: bool = True) -> None:
+        """Decode every image once, in ``workers`` threads: with ``strict``, training checks its data this way
+        before the run starts (and its folder is made). Raises ValueError naming the first unreadable image."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def problem(path: str) -> str | None:
+            try:
+                load_rgb(path)
+            except (OSError, ValueError) as e:
+                return str(e)
+            return None
+
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            found = pool.map(problem, [p for p, _ in self.samples])
+            for checked, error in enumerate(tqdm(found, total=len(self.samples), disable=not progress, unit='img',
+                                                 desc=f'checking {self.root.name} (--strict)'), 1):
+                if error:
+                    raise ValueError(f'unreadable image (--strict; {checked} of {len(self.samples)} checked): '
+                                     f'{error}')
+
     def _load(self, i: int) -> Image.Image | None:
         """Image ``i``, or None (flagged as unreadable, with a warning) when it cannot be read."""
         path = self.samples[i][0]
@@ -126,7 +153,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             return load_rgb(path)
         except (OSError, ValueError) as e:
             if self.strict:
-                raise ValueError(f'unreadable image {path}: {e}') from e
+                raise ValueError(f'unreadable image (--strict): {e}') from e
             self._bad[i] = 1
             _logger.warning('skipping unreadable image %s (%s)', path, e)
             return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,10 +33,15 @@ __all__ = [
     'format_predictions',
     'export_onnx',
     'export_torch',
+    'fixed_size_reason',
+    'onnx_input_shape',
+    'onnx_metadata',
+    'pt2_input_shape',
 ]
 
 _logger = logging.getLogger(__name__)
 
+_KEYWORD_LIKE = re.compile(r'^[A-Za-z_][\w-]*=')  # an argument that looks like a --model-kwargs pair
 _TRANSFORM_KEYS = ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')
 
 
@@ -92,6 +98,7 @@ def load_model(
         model_name: str | None = None,
         use_ema: bool = False,
         device: str | torch.device = 'cpu',
+        preprocessing_given: bool = False,
         **model_kwargs: Any,
 ) -> tuple[nn.Module, list[str] | None, dict]:
     """Load a model for inference from a run folder, a model folder, or a weights file.
@@ -103,14 +110,15 @@ def load_model(
       the number of classes is read from the file's classifier; ``use_ema`` picks the ``state_dict_ema`` entry of a
       training checkpoint, otherwise its ``state_dict`` / ``model`` entry. A weights file with a ``config.json``
       beside it is built and preprocessed as that config says (no model name needed); without one a warning names
-      the default preprocessing used.
+      the default preprocessing used (unless ``preprocessing_given``: the caller overrides it).
 
     ``model_kwargs`` go to ``timm.create_model`` (e.g. dims/depths/kernel_size of a custom configuration).
     Returns ``(model in eval mode on device, class names or None, data config)``.
     """
     path = Path(str(checkpoint).removeprefix('local-dir:'))
     if not path.exists():
-        raise FileNotFoundError(f'checkpoint not found: {path}')
+        hint = f'; did you mean --model-kwargs {checkpoint}?' if _KEYWORD_LIKE.match(str(checkpoint)) else ''
+        raise FileNotFoundError(f'checkpoint not found: {checkpoint}{hint}')
     if path.is_dir():
         folder = find_model_folder(path)
         try:
@@ -127,14 +135,40 @@ def load_model(
         model = load_classifier_folder(path.parent, use_ema and path.name == WEIGHTS_NAME, model_kwargs, weights=path)
     else:
         model = _load_weights_file(path, model_name, use_ema, model_kwargs)
+    _refuse_new_head(path, model_kwargs)
     model = model.to(device).eval()
     data_config = timm.data.resolve_data_config(model=model)
-    if path.is_file() and not (path.parent / CONFIG_NAME).is_file():
+    if path.is_file() and not (path.parent / CONFIG_NAME).is_file() and not preprocessing_given:
         _logger.warning('%s has no %s beside it: preprocessing uses the %s defaults (%d px, %s, crop %.3f); pass '
                         '--img-size / --interpolation / --crop-pct if it was trained otherwise', path, CONFIG_NAME,
                         model_name, data_config['input_size'][-1], data_config['interpolation'],
                         data_config['crop_pct'])
     return model, _label_names(model), data_config
+
+
+def _stored_classes(path: Path) -> int | None:
+    """Classifier outputs the checkpoint at ``path`` holds (0: none), or None when it cannot tell cheaply."""
+    folder = find_model_folder(path) if path.is_dir() else \
+        path.parent if (path.parent / CONFIG_NAME).is_file() else None
+    if folder is not None and (path.is_dir() or path.name == WEIGHTS_NAME):
+        config = json.loads((folder / CONFIG_NAME).read_text())
+        return config.get('num_classes', (config.get('model_args') or {}).get('num_classes'))
+    return infer_num_classes(unwrap_state_dict(load_state_dict_file(path)))
+
+
+def _refuse_new_head(path: Path, model_kwargs: dict) -> None:
+    """A classifier that did not come from the checkpoint (timm re-initialises one of another size) would evaluate
+    at chance: refused, with the way to fine-tune instead."""
+    requested = model_kwargs.get('num_classes')
+    if requested is None:
+        return
+    stored = _stored_classes(path)
+    if stored is not None and stored != requested:
+        raise ValueError(
+            f'--model-kwargs num_classes={requested}: {path} holds a {stored}-class classifier, so a '
+            f'{requested}-class head would be random, not trained. Drop num_classes to use the trained head, or '
+            f'fine-tune a {requested}-class model from these weights: conv2former train --pretrained {path} '
+            f'--data <{requested}-class data>')
 
 
 def _architecture_args(model_name: str, model_kwargs: dict) -> dict:
@@ -190,11 +224,19 @@ def convert_upstream(
 # prediction
 
 
-def _open_rgb(path: Path) -> Image.Image:
+def _open_rgb(image: str | Path) -> Image.Image:
+    """The image at ``image`` as RGB, or a ValueError naming it as given (URLs and ``KEY=VALUE`` words explained)."""
+    text = str(image)
+    if re.match(r'^[a-z][a-z0-9+.-]*://', text, re.IGNORECASE):
+        raise ValueError(f'{text}: a URL; predict reads local image files (download it first)')
+    path = Path(image)
+    if not path.exists() and _KEYWORD_LIKE.match(text):
+        raise ValueError(f'image {text} not found: did you mean --model-kwargs {text}?')
     try:
         return load_rgb(path)
     except OSError as e:
-        raise ValueError(str(e)) from None
+        reason = str(e) if str(e).startswith(text) else f'{text}: {e}'
+        raise ValueError(f'image {text} not found' if not path.exists() else reason) from None
 
 
 @torch.no_grad()
@@ -206,12 +248,14 @@ def predict(
         topk: int = 5,
         batch_size: int = 32,
         device: str | torch.device = 'cpu',
+        skip_unreadable: bool = False,
 ) -> list[dict]:
     """Classify image files with timm's eval transform (resize, center crop, normalize from ``data_config``).
 
     The model is moved to ``device`` and run in eval mode (its training flag is restored afterwards). Returns, per
     image, ``{"image": str, "top": [{"label", "index", "prob"}, ...]}`` sorted by decreasing probability. A missing
-    or unreadable image raises a ValueError naming it.
+    or unreadable image raises a ValueError naming it; with ``skip_unreadable`` its entry is
+    ``{"image": str, "error": reason}`` instead and the others are classified.
     """
     if topk < 1:
         raise ValueError(f'topk must be >= 1, got {topk}')
@@ -221,28 +265,39 @@ def predict(
     results = []
     with _eval_mode(model.to(device)):
         for start in range(0, len(images), batch_size):
-            paths = [Path(p) for p in images[start:start + batch_size]]
-            batch = torch.stack([transform(_open_rgb(p)) for p in paths]).to(device)
-            logits = model(batch)
-            if logits.ndim != 2:
-                raise ValueError(f'the model returns {tuple(logits.shape)}, expected (batch, classes) logits')
-            num_classes = logits.shape[1]
-            if class_names is not None and len(class_names) != num_classes:
-                raise ValueError(f'{len(class_names)} class names for a model with {num_classes} outputs')
-            probs = logits.float().softmax(dim=1)
-            top_p, top_i = probs.topk(min(topk, num_classes), dim=1)
-            for path, ps, idxs in zip(paths, top_p.tolist(), top_i.tolist()):
-                results.append(dict(image=str(path), top=[
-                    dict(label=str(class_names[i]) if class_names is not None else str(i), index=int(i), prob=float(p))
-                    for p, i in zip(ps, idxs)]))
+            chunk, tensors, failed = images[start:start + batch_size], [], {}
+            for i, image in enumerate(chunk):
+                try:
+                    tensors.append(transform(_open_rgb(image)))
+                except ValueError as e:
+                    if not skip_unreadable:
+                        raise
+                    failed[i] = str(e)
+            top = iter(_top_labels(model, torch.stack(tensors).to(device), class_names, topk) if tensors else [])
+            results += [dict(image=str(image), error=failed[i]) if i in failed else dict(image=str(image),
+                                                                                          top=next(top))
+                        for i, image in enumerate(chunk)]
     return results
+
+
+def _top_labels(model: nn.Module, batch: torch.Tensor, class_names, topk: int) -> list[list[dict]]:
+    logits = model(batch)
+    if logits.ndim != 2:
+        raise ValueError(f'the model returns {tuple(logits.shape)}, expected (batch, classes) logits')
+    num_classes = logits.shape[1]
+    if class_names is not None and len(class_names) != num_classes:
+        raise ValueError(f'{len(class_names)} class names for a model with {num_classes} outputs')
+    top_p, top_i = logits.float().softmax(dim=1).topk(min(topk, num_classes), dim=1)
+    return [[dict(label=str(class_names[i]) if class_names is not None else str(i), index=int(i), prob=float(p))
+             for p, i in zip(ps, idxs)] for ps, idxs in zip(top_p.tolist(), top_i.tolist())]
 
 
 def format_predictions(results: list[dict]) -> str:
     """Plain-text table (image, rank, label, index, probability), one row per prediction."""
     header = ('image', 'rank', 'label', 'index', 'prob')
     rows = [(r['image'], str(rank), str(t['label']), str(t['index']), f'{t["prob"]:.4f}')
-            for r in results for rank, t in enumerate(r['top'], 1)]
+            for r in results for rank, t in enumerate(r.get('top', ()), 1)]
+    rows += [(r['image'], '-', '(not classified: see the error)', '-', '-') for r in results if 'error' in r]
     widths = [max(len(row[c]) for row in [header, *rows]) for c in range(len(header))]
     right = (False, True, False, True, True)
 
@@ -275,12 +330,41 @@ def _example(model: nn.Module, batch: int, in_chans: int, img_size: int | tuple[
     return torch.randn(batch, in_chans, height, width, device=dev, dtype=dtype)
 
 
-def _dynamic_dims(dynamic_batch: bool, dynamic_size: bool) -> dict:
-    """torch.export dims of the input: batch (0) and height/width (2, 3) as asked."""
+def min_dynamic_size(model: nn.Module) -> int:
+    """The smallest height/width an export with dynamic height/width admits: twice the model's total stride. Below
+    it the last stage's map can be 1x1, a size the exporters specialise on (it would be fixed, not dynamic)."""
+    info = getattr(model, 'feature_info', None)
+    try:
+        stride = int(info[-1]['reduction'])
+    except (TypeError, IndexError, KeyError, ValueError):
+        stride = 32
+    return 2 * stride
+
+
+def fixed_size_reason(model: nn.Module, img_size: int) -> str | None:
+    """Why an export at ``img_size`` cannot have a dynamic height/width (None when it can)."""
+    low = min_dynamic_size(model)
+    if img_size >= low:
+        return None
+    return (f'input fixed at {img_size}x{img_size}: below {low} px the last stage\'s map can be 1x1, a size the '
+            f'exporter specialises on; export with --img-size {low} or more for a dynamic height and width')
+
+
+def _dynamic_dims(dynamic_batch: bool, dynamic_size: bool, min_size: int = 64) -> dict:
+    """torch.export dims of the input: batch (0) and height/width (2, 3, from ``min_size``) as asked."""
     dims = {0: torch.export.Dim('batch', min=1)} if dynamic_batch else {}
-    if dynamic_size:  # below 32 px the stride-32 stages have nothing left
-        dims.update({2: torch.export.Dim('height', min=32, max=8192), 3: torch.export.Dim('width', min=32, max=8192)})
+    if dynamic_size:
+        dims.update({2: torch.export.Dim('height', min=min_size, max=8192),
+                     3: torch.export.Dim('width', min=min_size, max=8192)})
     return dims
+
+
+def _size_dims_possible(model: nn.Module, example: torch.Tensor, dynamic_size: bool) -> bool:
+    """Whether to try a dynamic height/width (logs why not when it was asked for but cannot be)."""
+    reason = fixed_size_reason(model, min(example.shape[-2:])) if dynamic_size else None
+    if reason:
+        _logger.warning(reason)
+    return dynamic_size and reason is None
 
 
 def _quiet_export(export, *args, **kwargs):
@@ -297,24 +381,28 @@ def _quiet_export(export, *args, **kwargs):
 
 
 def _export_onnx_file(model: nn.Module, example: torch.Tensor, path: Path, dynamic_batch: bool,
-                      dynamic_size: bool) -> str:
-    """Write ``path`` with the dynamo exporter (dynamic height/width if asked, else or if that fails static), or
-    with the TorchScript exporter if dynamo fails. Returns the exporter used."""
+                      dynamic_size: bool) -> tuple[str, str | None]:
+    """Write ``path`` with the dynamo exporter (dynamic height/width from 32 px if asked, else or if that fails
+    static), or with the TorchScript exporter if dynamo fails. Returns the exporter used and, when a dynamic
+    height/width was asked for but could not be made, why."""
     names = dict(input_names=['input'], output_names=['logits'])
     # weights go into the .onnx file itself unless they approach protobuf's 2 GB limit
     large = sum(t.numel() * t.element_size() for t in model.state_dict().values()) > 1.5e9
     attempts = [(dynamic_batch, dynamic_size), (dynamic_batch, False)] if dynamic_size else [(dynamic_batch, False)]
-    error = None
+    error, fixed = None, None
     for batch_dim, size_dims in attempts:
         try:
-            shapes = _dynamic_dims(batch_dim, size_dims)
+            # ONNX's dynamo exporter keeps a 1x1 last stage general, so its height/width can start at 32 px
+            shapes = _dynamic_dims(batch_dim, size_dims, 32)
             _quiet_export(torch.onnx.export, model, (example,), str(path), dynamo=True, verbose=False,
                           dynamic_shapes=(shapes,) if shapes else None, external_data=large, **names)
-            return 'dynamo'
+            return 'dynamo', fixed
         except Exception as e:  # noqa: BLE001 - any exporter failure triggers the next attempt
             error = error or e
             if size_dims:
-                _logger.warning('dynamic height/width export failed (%s); exporting a fixed size', _first_line(e))
+                fixed = (f'input fixed at {example.shape[-2]}x{example.shape[-1]}: the exporter could not make height '
+                         f'and width dynamic ({_first_line(e)})')
+                _logger.warning(fixed)
     msg = f'{type(error).__name__}: {_first_line(error)}'
     warnings.warn(f'dynamo ONNX export failed ({msg}); falling back to the TorchScript exporter')
     for leftover in (path, path.with_name(path.name + '.data')):
@@ -326,11 +414,28 @@ def _export_onnx_file(model: nn.Module, example: torch.Tensor, path: Path, dynam
     except Exception as legacy_error:
         raise RuntimeError(f'ONNX export failed with both exporters: dynamo: {msg}; '
                            f'TorchScript: {type(legacy_error).__name__}: {legacy_error}') from legacy_error
-    return 'torchscript'
+    return 'torchscript', ('input height and width fixed: the TorchScript exporter makes only the batch dynamic'
+                           if dynamic_size else None)
 
 
 def _first_line(error: Exception) -> str:
-    return str(error).splitlines()[0] if str(error) else ''
+    """The first non-empty line of an error's message (exporters' messages often start with a newline)."""
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+
+
+def pt2_input_shape(path: str | Path) -> list:
+    """The exported program's input shape: ints for fixed dims, names ('batch', 'height', ...) for dynamic ones."""
+    program = torch.export.load(str(path))
+    node = next(n for n in program.graph.nodes if n.op == 'placeholder' and
+                n.name in program.graph_signature.user_inputs)
+    names = {0: 'batch', 2: 'height', 3: 'width'}
+    return [d if isinstance(d, int) else names.get(i, str(d)) for i, d in enumerate(node.meta['val'].shape)]
+
+
+def onnx_metadata(path: str | Path) -> dict:
+    """The ONNX model's ``metadata_props`` (values decoded from JSON)."""
+    import onnx
+    return {p.key: json.loads(p.value) for p in onnx.load(str(path), load_external_data=False).metadata_props}
 
 
 def onnx_input_shape(path: str | Path) -> list:
@@ -391,8 +496,8 @@ def export_onnx(
     """Export to ONNX: the dynamo exporter first, the legacy TorchScript exporter only if that fails.
 
     Input ``input`` (N, C, H, W), output ``logits``; the batch dimension is dynamic if asked, and height/width with
-    ``dynamic_size`` where the exporter manages (else the export is fixed at ``img_size``, with a warning;
-    ``onnx_input_shape`` tells). Which exporter was used is logged. With ``check`` and onnxruntime installed,
+    ``dynamic_size`` where the exporter manages (else the export is fixed at ``img_size``, with a warning and the
+    reason as ``fixed_size_reason`` in ``metadata_props``; ``onnx_input_shape`` tells). Which exporter was used is logged. With ``check`` and onnxruntime installed,
     outputs on random batches (at ``img_size`` and, when dynamic, at another size) must agree to 1e-3 (RuntimeError
     otherwise). ``metadata`` (class names, preprocessing, ...) goes into ``metadata_props`` as JSON strings.
     """
@@ -400,8 +505,9 @@ def export_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)
     with _eval_mode(unwrap_module(model)) as model:
         example = _example(model, 2, in_chans, img_size)  # batch 2: a batch of 1 would be specialised
-        exporter = _export_onnx_file(model, example, path, dynamic_batch, dynamic_size)
+        exporter, fixed = _export_onnx_file(model, example, path, dynamic_batch, dynamic_size)
         _logger.info('exported %s with the %s ONNX exporter (input %s)', path, exporter, onnx_input_shape(path))
+        metadata = dict(metadata or {}, **({'fixed_size_reason': fixed} if fixed else {}))
         if metadata:
             _write_onnx_metadata(path, metadata)
         if check:
@@ -422,9 +528,11 @@ def export_torch(model: nn.Module, path: str | Path, img_size: int, in_chans: in
     path.parent.mkdir(parents=True, exist_ok=True)
     with _eval_mode(unwrap_module(model)) as model, torch.no_grad():
         example = _example(model, 2, in_chans, img_size)
-        for batch_dim, size_dims in ((True, True), (True, False), (False, False)):
+        attempts = ((True, True), (True, False), (False, False)) if _size_dims_possible(model, example, True) else \
+            ((True, False), (False, False))
+        for batch_dim, size_dims in attempts:
             try:
-                shapes = _dynamic_dims(batch_dim, size_dims)
+                shapes = _dynamic_dims(batch_dim, size_dims, min_dynamic_size(model))
                 program = _quiet_export(torch.export.export, model, (example,),
                                         dynamic_shapes=(shapes,) if shapes else None)
                 break

@@ -17,7 +17,8 @@ from timm.optim import create_optimizer_v2
 from torch.utils.data import DataLoader, Dataset
 
 from ...engine.distributed import DistEnv
-from ...engine.options import RunOptions, non_negative_float, option, positive_int, probability, redefault
+from ...engine.options import (RunOptions, non_negative_float, non_negative_int, option, positive_int, probability,
+                               redefault)
 from ...data import resolve_data_dir
 from ...fileio import pretrained_overlay, write_model_folder
 from .data import allow_zero_bit_posterize, build_datasets, build_timm_datasets, check_auto_augment, is_timm_source
@@ -41,7 +42,8 @@ class ClassificationOptions(RunOptions):
     data_dir: Optional[Path] = option(None, '--data-dir', type=Path, help='root folder of a timm source')
     dataset_download: bool = option(False, '--dataset-download', kind='flag',
                                     help='let a torch/ source download missing files')
-    strict: bool = option(False, '--strict', kind='flag', help='fail on unreadable images instead of skipping them')
+    strict: bool = option(False, '--strict', kind='flag',
+                          help='fail on unreadable images (and links left out of the listing) instead of skipping them')
     data_cache: bool = option(False, '--data-cache', kind='flag',
                               help='decode the images once into a uint8 tensor cache and augment whole batches on '
                                    'the training device (crop, flip, RandAugment or colour jitter, random erasing: '
@@ -60,7 +62,7 @@ class ClassificationOptions(RunOptions):
 
     blr: float = option(1e-3, '--blr', type=non_negative_float, help='lr = blr * global batch / 1024 (unless --lr)',
                         group='optimisation')
-    warmup_epochs: int = option(1, '--warmup-epochs', type=int, group='optimisation')
+    warmup_epochs: int = option(1, '--warmup-epochs', type=non_negative_int, group='optimisation')
     warmup_lr: float = option(1e-6, '--warmup-lr', type=non_negative_float, group='optimisation')
     cooldown_epochs: int = option(0, '--cooldown-epochs', type=int, group='optimisation',
                                   help='epochs at the minimum lr after --epochs (added to them, as in timm; the in1k '
@@ -141,6 +143,9 @@ class ClassificationTask:
             train, val, _ = build_timm_datasets(o.data, o.data_dir, download=o.dataset_download)
         else:
             train, val, _ = build_datasets(resolve_data_dir(o.data), strict=o.strict)
+            if o.strict:  # fail before the run starts, not in a data-loader worker mid-epoch
+                for dataset in (train, val):
+                    dataset.check_readable(max(o.workers, 1), o.progress)
         self._datasets = (train, val)  # build_model gives them the model's transforms
         return train, val
 
@@ -165,8 +170,9 @@ class ClassificationTask:
         for skipped_path, reason in train.skipped + val.skipped:
             _logger.warning('skipped %s: %s', skipped_path, reason)
         if train.num_skipped or val.num_skipped:
-            _logger.warning('skipped %d unreadable images (%d train, %d val); --strict fails instead',
-                            train.num_skipped + val.num_skipped, train.num_skipped, val.num_skipped)
+            _logger.warning('skipped %d file(s) (%d train, %d val): unreadable images, links left out of the listing; '
+                            '--strict fails instead', train.num_skipped + val.num_skipped, train.num_skipped,
+                            val.num_skipped)
 
     def build_model(self, class_names: Sequence[str], resuming: bool) -> nn.Module:
         """The timm model, with the data config saved in its pretrained cfg (so validate/predict preprocess as this
@@ -175,7 +181,11 @@ class ClassificationTask:
         self._check_model()
         kwargs = dict(o.model_kwargs, num_classes=len(class_names), drop_path_rate=o.drop_path, drop_rate=o.drop)
         if o.pretrained and not resuming:
-            kwargs.update(pretrained=True, pretrained_cfg_overlay=pretrained_overlay(o.pretrained))
+            overlay = pretrained_overlay(o.pretrained)
+            if overlay['num_classes'] and overlay['num_classes'] != len(class_names):
+                _logger.warning('head re-initialised: %d -> %d classes (%s has a %d-class classifier)',
+                                overlay['num_classes'], len(class_names), o.pretrained, overlay['num_classes'])
+            kwargs.update(pretrained=True, pretrained_cfg_overlay=overlay)
         model = timm.create_model(o.model, **kwargs)
         self.data_config = self._data_config(model)
         cfg_without_weights = {k: v for k, v in model.pretrained_cfg.items() if k != 'state_dict'}
@@ -226,6 +236,10 @@ class ClassificationTask:
 
     def schedule(self, steps_per_epoch: int) -> dict:
         o = self.options
+        if o.warmup_epochs >= o.epochs + o.cooldown_epochs:
+            _logger.warning('--warmup-epochs %d covers the whole run (--epochs %d): the learning rate is still '
+                            'rising when the run ends and never decays; use fewer warm-up epochs', o.warmup_epochs,
+                            o.epochs)
         return dict(sched=o.sched, num_epochs=o.epochs, warmup_epochs=o.warmup_epochs, warmup_lr=o.warmup_lr,
                     min_lr=o.min_lr, cooldown_epochs=o.cooldown_epochs)
 
@@ -267,8 +281,8 @@ class ClassificationTask:
         skipped = self.skipped_images()
         final['skipped_images'] = skipped['total']
         if skipped['total']:
-            _logger.warning('skipped %d unreadable images in all (%d train, %d val), left out of every metric',
-                            skipped['total'], skipped['train'], skipped['val'])
+            _logger.warning('skipped %d file(s) in all (%d train, %d val), left out of every metric', skipped['total'],
+                            skipped['train'], skipped['val'])
         if last_eval is not None:
             result = last_eval['result']
             save_confusion_matrix_png(result.confusion, self.class_names, run_dir / 'confusion_matrix.png')

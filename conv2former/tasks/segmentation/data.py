@@ -19,8 +19,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from ...data import (IMG_EXTENSIONS, INDEX_MODES, first_items as _first, load_rgb, pair as _pair, resolve_data_dir,
-                     split_names)
+from ...data import (IMG_EXTENSIONS, INDEX_MODES, FileLister, first_items as _first, load_rgb, pair as _pair,
+                     resolve_data_dir, split_names)
 
 __all__ = ['CAMVID_CLASSES', 'SegmentationDataset', 'build_segmentation_dataset', 'segmentation_transforms']
 
@@ -145,17 +145,13 @@ def _find_segmentation_layout(root: Path, split: str) -> tuple[str, Path, Path]:
 
 
 def _files_by_stem(folder: Path, extensions: Sequence[str]) -> dict[str, Path]:
-    """Files under ``folder`` (recursively, hidden ones skipped) keyed by their relative path without suffix."""
+    """Files under ``folder`` (recursively, hidden ones skipped, each real file once: ``data.FileLister``) keyed by
+    their relative path without suffix."""
     found: dict[str, Path] = {}
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
-        for name in sorted(filenames):
-            path = Path(dirpath) / name
-            if name.startswith('.') or path.suffix.lower() not in extensions:
-                continue
-            key = path.relative_to(folder).with_suffix('').as_posix()
-            if key not in found or path.suffix.lower() == '.png':  # prefer a PNG label over other formats
-                found[key] = path
+    for path in FileLister(folder).list(folder, extensions):
+        key = path.relative_to(folder).with_suffix('').as_posix()
+        if key not in found or path.suffix.lower() == '.png':  # prefer a PNG label over other formats
+            found[key] = path
     return found
 
 
