@@ -312,8 +312,15 @@ def test_predict_goes_on_past_an_unreadable_image_and_fails_at_the_end(run, tmp_
     assert '2 of 4 images could not be classified' in captured.err
 
 
-def test_logs_and_warnings_say_what_happened(run, tmp_path, capsys, caplog):
-    assert main(['train', *TINY, '-b', '64', '--epochs', '1', '--output', str(tmp_path), '--experiment', 'b']) == 0
+def test_logs_and_warnings_say_what_happened(run, tmp_path, capsys, caplog, monkeypatch):
+    import conv2former.engine.loop as loop
+
+    def stop(*args):  # the set-up is what this test reads: stop before the first epoch
+        raise loop.Interrupted('stopped by the test')
+
+    monkeypatch.setattr(loop, 'train_one_epoch', stop)
+    assert main(['train', *TINY, '-b', '64', '--output', str(tmp_path), '--experiment', 'b']) == 130
+    monkeypatch.undo()
     assert 'on the bundled dataset (Fashion-MNIST subset)' in (tmp_path / 'b' / 'log.txt').read_text()
     bare = tmp_path / 'w.safetensors'
     shutil.copy(run / 'last' / 'model.safetensors', bare)
