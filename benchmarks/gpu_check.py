@@ -214,9 +214,9 @@ def check_tile(case: dict, tile, device: torch.device) -> float:
     x, weight, bias = conv_inputs(case, 2, torch.bfloat16, device)
     dy = torch.randn_like(x)
     ref = [t.double() for t in (x, weight, bias, dy)]
-    grad_w, grad_b = dwconv._launch_weight_grad(dy, x, case['k'], tile=tile)
-    pairs = [(dwconv._launch_forward(x, weight, bias, flip=False, tile=tile), conv_torch(*ref[:3])),
-             (dwconv._launch_forward(dy, weight, None, flip=True, tile=tile),
+    grad_w, grad_b = dwconv.launch_weight_grad(dy, x, case['k'], tile=tile)
+    pairs = [(dwconv.launch_forward(x, weight, bias, flip=False, tile=tile), conv_torch(*ref[:3])),
+             (dwconv.launch_forward(dy, weight, None, flip=True, tile=tile),
               conv_torch(ref[3], ref[1].flip(-1, -2), None)),
              (grad_w, torch.nn.grad.conv2d_weight(ref[0], ref[1].shape, ref[3], padding=case['k'] // 2,
                                                   groups=case['C'])),
@@ -226,17 +226,17 @@ def check_tile(case: dict, tile, device: torch.device) -> float:
 
 def clamp_tile(tile: tuple, case: dict):
     """A candidate tile shrunk to the next powers of two of the case's C, H, W (as the heuristic does)."""
-    from conv2former.ops.dwconv import TileConfig, _next_pow2
+    from conv2former.ops.launch import TileConfig, next_pow2
 
     block_c, block_h, block_w, warps = tile
-    return TileConfig(min(block_c, _next_pow2(case['C'])), min(block_h, _next_pow2(case['H'])),
-                      min(block_w, _next_pow2(case['W'])), warps)
+    return TileConfig(min(block_c, next_pow2(case['C'])), min(block_h, next_pow2(case['H'])),
+                      min(block_w, next_pow2(case['W'])), warps)
 
 
 def default_tile(case: dict):
-    from conv2former.ops.dwconv import TileConfig, _tile_config
+    from conv2former.ops.launch import TileConfig, tile_config
 
-    return TileConfig(*_tile_config(case['C'], case['H'], case['W'], case['layout'] == 'channels_last'))
+    return TileConfig(*tile_config(case['C'], case['H'], case['W'], case['layout'] == 'channels_last'))
 
 
 def roofline(case: dict, batch: int, mode: str, ms: float, peaks: tuple[float, float]) -> dict:
@@ -467,9 +467,9 @@ class GpuCheck:
         default = default_tile(case)
         candidates = [default] + [clamp_tile(t, case) for t in TILES[case['layout']][:self.args.tiles]]
         candidates = list(dict.fromkeys(candidates))  # clamping can make two the same
-        kernels = {'fwd': lambda t: dwconv._launch_forward(x, weight, bias, flip=False, tile=t),
-                   'dgrad': lambda t: dwconv._launch_forward(dy, weight, None, flip=True, tile=t),
-                   'wgrad': lambda t: dwconv._launch_weight_grad(dy, x, case['k'], tile=t)}
+        kernels = {'fwd': lambda t: dwconv.launch_forward(x, weight, bias, flip=False, tile=t),
+                   'dgrad': lambda t: dwconv.launch_forward(dy, weight, None, flip=True, tile=t),
+                   'wgrad': lambda t: dwconv.launch_weight_grad(dy, x, case['k'], tile=t)}
         timings = {name: {} for name in kernels}
         for tile in candidates:
             label = 'x'.join(map(str, tile[:3])) + f'/w{tile.num_warps}'

@@ -45,7 +45,7 @@ def _archive_stem(path: Path) -> str | None:
     return None
 
 
-def _default_cache_dir() -> Path:
+def default_cache_dir() -> Path:
     if os.environ.get('CONV2FORMER_CACHE'):
         return Path(os.environ['CONV2FORMER_CACHE']).expanduser()
     return Path(os.environ.get('XDG_CACHE_HOME') or '~/.cache').expanduser() / 'conv2former' / 'datasets'
@@ -99,7 +99,7 @@ def _extract_cached(archive: Path, cache_dir: str | os.PathLike | None) -> Path:
     archive = archive.resolve()
     st = archive.stat()
     key = hashlib.sha256(f'{archive}\0{st.st_size}\0{st.st_mtime_ns}'.encode()).hexdigest()[:12]
-    base = Path(cache_dir).expanduser() if cache_dir is not None else _default_cache_dir()
+    base = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     target = base / f'{_archive_stem(archive)}-{key}'
     if target.is_dir():  # only ever created by the atomic rename below, so it is complete
         return target

@@ -358,7 +358,7 @@ def find_model_folder(path: Path) -> Path:
         f'or a weights file (.safetensors, .pth, .pth.tar) with a model name')
 
 
-def _drop_state_dict_ref(model: nn.Module) -> None:
+def drop_state_dict_ref(model: nn.Module) -> None:
     """Release the weights a pretrained_cfg overlay keeps referenced (they are already copied into the model)."""
     for attr in ('pretrained_cfg', 'default_cfg'):
         cfg = getattr(model, attr, None)
@@ -392,7 +392,7 @@ def load_classifier_folder(folder: Path, use_ema: bool = False, model_kwargs: di
         overlay = dict(model_kwargs.pop('pretrained_cfg_overlay', None) or {}, source='', file=str(weights))
         model = timm.create_model(f'local-dir:{folder}', pretrained=True, pretrained_cfg_overlay=overlay,
                                   **model_kwargs)
-        _drop_state_dict_ref(model)
+        drop_state_dict_ref(model)
         return model
     return timm.create_model(f'local-dir:{folder}', pretrained=True, **model_kwargs)
 

@@ -20,7 +20,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from conv2former.ops import convmod, dwconv  # noqa: E402
+from conv2former.ops import convmod, dwconv, launch  # noqa: E402
 from conv2former.ops.dwconv import TileConfig  # noqa: E402
 from test_bench_model import load_script  # noqa: E402
 
@@ -38,10 +38,10 @@ def test_launchers_with_explicit_tiles_match_conv2d(tile, channels_last):
     x = x.to(memory_format=torch.channels_last) if channels_last else x
     weight, bias, dy = torch.randn(5, 1, 3, 3), torch.randn(5), torch.randn_like(x)
     ref = F.conv2d(x, weight, bias, padding=1, groups=5)
-    torch.testing.assert_close(dwconv._launch_forward(x, weight, bias, flip=False, tile=tile), ref)
-    grad_x = dwconv._launch_forward(dy, weight, None, flip=True, tile=tile)
+    torch.testing.assert_close(dwconv.launch_forward(x, weight, bias, flip=False, tile=tile), ref)
+    grad_x = dwconv.launch_forward(dy, weight, None, flip=True, tile=tile)
     torch.testing.assert_close(grad_x, F.conv2d(dy, weight.flip(-1, -2), padding=1, groups=5))
-    grad_w, grad_b = dwconv._launch_weight_grad(dy, x, 3, tile=tile)
+    grad_w, grad_b = dwconv.launch_weight_grad(dy, x, 3, tile=tile)
     torch.testing.assert_close(grad_w, torch.nn.grad.conv2d_weight(x, weight.shape, dy, padding=1, groups=5),
                                rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(grad_b, dy.sum((0, 2, 3)), rtol=1e-4, atol=1e-4)
@@ -55,8 +55,8 @@ def test_launchers_with_explicit_tiles_match_conv2d(tile, channels_last):
 
 def test_default_tile_is_the_heuristic_with_four_warps():
     x = torch.randn(1, 72, 56, 56).to(memory_format=torch.channels_last)
-    assert dwconv._resolve_tile(x, None) == TileConfig(*dwconv._tile_config(72, 56, 56, True), 4)
-    assert dwconv._resolve_tile(x, (8, 4, 4, 2)) == TileConfig(8, 4, 4, 2)
+    assert launch.resolve_tile(x, None) == TileConfig(*launch.tile_config(72, 56, 56, True), 4)
+    assert launch.resolve_tile(x, (8, 4, 4, 2)) == TileConfig(8, 4, 4, 2)
 
 
 @pytest.mark.parametrize('tile, message', [
@@ -68,7 +68,7 @@ def test_default_tile_is_the_heuristic_with_four_warps():
 def test_bad_tiles_are_refused(tile, message):
     x = torch.randn(1, 4, 6, 6)
     with pytest.raises(ValueError, match=message.replace('[', r'\[').replace(']', r'\]')):
-        dwconv._launch_forward(x, torch.randn(4, 1, 3, 3), None, flip=False, tile=tile)
+        dwconv.launch_forward(x, torch.randn(4, 1, 3, 3), None, flip=False, tile=tile)
 
 
 def test_budget_interrupts_a_step_and_passes_unused_time_on(gpu_check):

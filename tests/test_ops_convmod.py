@@ -11,7 +11,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch._dynamo.testing import CompileCounterWithBackend  # noqa: E402
 
-from conv2former.ops import FUSED_WEIGHTINGS, conv_modulation, convmod, dwconv  # noqa: E402
+from conv2former.ops import FUSED_WEIGHTINGS, conv_modulation, convmod, dwconv, launch  # noqa: E402
 
 CONFIGS = list(itertools.product((True, False), ('mul', 'sum'), ('none', 'sigmoid')))  # (act, fusion, weighting)
 
@@ -87,7 +87,7 @@ def test_shapes_float32(case):
 def test_cases_cover_partial_channel_blocks():
     for channels_last in (False, True):
         (_, channels, height, width, *_), = [c for c in CASES[:2] if c[5] == channels_last]
-        block_c = dwconv._tile_config(channels, height, width, channels_last)[0]
+        block_c = launch.tile_config(channels, height, width, channels_last)[0]
         assert channels > block_c and channels % block_c, (channels_last, block_c)
 
 
@@ -224,7 +224,7 @@ def test_kernels_compile_for_hopper(monkeypatch, channels_last):
 
     monkeypatch.delenv('TRITON_INTERPRET')
     kernels = convmod._kernels(False)
-    block_c, block_h, block_w = dwconv._tile_config(72, 56, 56, channels_last)
+    block_c, block_h, block_w = launch.tile_config(72, 56, 56, channels_last)
     blocks = dict(K=7, ACT=True, ACC_DTYPE=convmod.tl.float32, BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w)
     flags = dict(SIGMOID=True, MUL=True, HAS_BIAS=True, STORE_OUT=True)
     variants = [(kernels.modulate, dict(GRAD=False, RECOMPUTE=True, STORE_DV=False, **flags, **blocks)),

@@ -20,7 +20,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch._dynamo.testing import CompileCounterWithBackend  # noqa: E402
 
 import conv2former.ops as ops  # noqa: E402
-from conv2former.ops import depthwise_conv2d, dwconv, dwconv2d, kernel_backend  # noqa: E402
+from conv2former.ops import depthwise_conv2d, dwconv, dwconv2d, kernel_backend, launch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH_SCRIPT = REPO / 'benchmarks' / 'bench_dwconv.py'
@@ -101,7 +101,7 @@ def test_cases_cover_tile_edges(channels_last):
     for _, channels, height, width, _, cl, _ in CASES:
         if cl != channels_last:
             continue
-        block_c, block_h, block_w = dwconv._tile_config(channels, height, width, channels_last)
+        block_c, block_h, block_w = launch.tile_config(channels, height, width, channels_last)
         for name, size, block in (('c', channels, block_c), ('h', height, block_h), ('w', width, block_w)):
             if size % block:
                 seen.add(f'{name} partial')
@@ -114,8 +114,8 @@ def test_cases_cover_tile_edges(channels_last):
 def test_weight_grad_splits(splits):
     x, weight, _ = make_inputs(2, 6, 10, 9, 3, channels_last=True)
     grad_out = torch.randn_like(x)
-    assert dwconv._tile_config(6, 10, 9, True)[1:] == (4, 8)  # 3 x 2 tiles
-    grad_w, grad_b = dwconv._launch_weight_grad(grad_out, x, 3, splits=splits)
+    assert launch.tile_config(6, 10, 9, True)[1:] == (4, 8)  # 3 x 2 tiles
+    grad_w, grad_b = dwconv.launch_weight_grad(grad_out, x, 3, splits=splits)
     _, (_, ref_w, ref_b) = run_with_grads(reference, x, weight, torch.zeros(6), grad_out)
     torch.testing.assert_close(grad_w, ref_w, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grad_b, ref_b, atol=1e-5, rtol=1e-5)
@@ -255,7 +255,7 @@ def test_forced_triton_on_cpu_needs_interpreter(monkeypatch):
 
 def test_without_triton(monkeypatch):
     monkeypatch.setattr(ops, 'triton_available', lambda: False)
-    monkeypatch.setattr(dwconv, 'triton', None)
+    monkeypatch.setattr(launch, 'triton', None)  # where the launchers look
     x, weight, bias = make_inputs(1, 3, 5, 6, 3)
     monkeypatch.delenv(ops.KERNELS_ENV, raising=False)
     assert kernel_backend(x) == 'torch'
@@ -315,7 +315,7 @@ def test_kernels_compile_for_hopper(monkeypatch, channels_last):
 
     monkeypatch.delenv('TRITON_INTERPRET')
     kernels = dwconv._kernels(False)
-    block_c, block_h, block_w = dwconv._tile_config(72, 56, 56, channels_last)
+    block_c, block_h, block_w = launch.tile_config(72, 56, 56, channels_last)
     unit_strides = ('sxc', 'syc', 'sdc') if channels_last else ('sxw', 'syw', 'sdw')
     blocks = dict(K=7, ACC_DTYPE=dwconv.tl.float32, BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w)
     for kernel, constexprs, pointers in (

@@ -158,7 +158,7 @@ class Conv2Former(Conv2FormerBase):
             **dd,
         )
         self.head_hidden_size = self.head.num_features
-        named_apply(partial(_init_weights, head_init_scale=head_init_scale), self)
+        named_apply(partial(init_weights, head_init_scale=head_init_scale), self)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Union[str, List]]:
@@ -180,7 +180,7 @@ class Conv2Former(Conv2FormerBase):
         return self.stages(x)
 
 
-def _init_weights(module: nn.Module, name: Optional[str] = None, head_init_scale: float = 1.0) -> None:
+def init_weights(module: nn.Module, name: Optional[str] = None, head_init_scale: float = 1.0) -> None:
     """Upstream init: truncated normal (std .02) conv/linear weights, zero biases; classifier scaled."""
     if isinstance(module, (nn.Conv2d, nn.Linear)):
         trunc_normal_(module.weight, std=.02)
@@ -213,7 +213,8 @@ def _create_conv2former(variant: str, pretrained: bool = False, **kwargs) -> Con
     )
 
 
-def _cfg(url: str = '', **kwargs) -> dict:
+def pretrained_cfg_entry(url: str = '', **kwargs) -> dict:
+    """A pretrained-cfg entry of the family (timm's ``_cfg``): input size, crop, mean/std, classifier name."""
     return {
         'url': url,
         'num_classes': 1000,
@@ -236,12 +237,12 @@ def _cfg(url: str = '', **kwargs) -> dict:
 # The released weights live on a file host timm cannot fetch: load them with
 # pretrained_cfg_overlay=dict(file=path) (or convert them once to safetensors).
 default_cfgs = generate_default_cfgs({
-    'conv2former_n.in1k': _cfg(),
-    'conv2former_t.in1k': _cfg(),
-    'conv2former_s.in1k': _cfg(),
-    'conv2former_b.in1k': _cfg(),
-    'conv2former_b_22k.in22k_ft_in1k': _cfg(),
-    'conv2former_l.in22k_ft_in1k': _cfg(),
+    'conv2former_n.in1k': pretrained_cfg_entry(),
+    'conv2former_t.in1k': pretrained_cfg_entry(),
+    'conv2former_s.in1k': pretrained_cfg_entry(),
+    'conv2former_b.in1k': pretrained_cfg_entry(),
+    'conv2former_b_22k.in22k_ft_in1k': pretrained_cfg_entry(),
+    'conv2former_l.in22k_ft_in1k': pretrained_cfg_entry(),
 })
 
 # name: (dims, depths, kernel_size), as the upstream code (and its released weights) build them

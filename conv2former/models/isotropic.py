@@ -16,7 +16,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 
 from .base import Conv2FormerBase
 from .checkpoint import remap_upstream_state_dict, resolve_pretrained_file
-from .conv2former import _cfg, _init_weights
+from .conv2former import pretrained_cfg_entry, init_weights
 from .layers import Conv2FormerBlock, Conv2FormerHead, check_kernel_size, create_stem
 
 __all__ = ['Conv2FormerIsotropic']
@@ -95,7 +95,7 @@ class Conv2FormerIsotropic(Conv2FormerBase):
             dim, num_classes, pool_type=global_pool, head_type=head, hidden_size=head_hidden_size,
             drop_rate=drop_rate, **dd)
         self.head_hidden_size = self.head.num_features
-        named_apply(lambda module, name: _init_weights(module, name, head_init_scale), self)
+        named_apply(lambda module, name: init_weights(module, name, head_init_scale), self)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
@@ -125,8 +125,8 @@ def _create_isotropic(variant: str, pretrained: bool = False, **kwargs) -> Conv2
 
 
 default_cfgs = generate_default_cfgs({
-    'conv2former_is.untrained': _cfg(pool_size=(14, 14)),
-    'conv2former_ib.untrained': _cfg(pool_size=(14, 14)),
+    'conv2former_is.untrained': pretrained_cfg_entry(pool_size=(14, 14)),
+    'conv2former_ib.untrained': pretrained_cfg_entry(pool_size=(14, 14)),
 })
 
 

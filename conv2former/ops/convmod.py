@@ -19,33 +19,30 @@ Backward: autograd saves only a, v, weight and bias; A is recomputed.
 The per-map weightings ``'l1'`` and ``'minmax'`` need statistics over all positions of a map before any output can be
 written, so they are not fused (``FUSED_WEIGHTINGS``); the model keeps its unfused path for them.
 
-Kernels are jitted lazily, as in ``dwconv`` (``TRITON_INTERPRET`` is read at jit time), and call only Triton builtins.
+Kernels are jitted lazily, as in ``dwconv`` (``TRITON_INTERPRET`` is read at jit time: ``launch.jit_kernels``), and
+call only Triton builtins.
+
+Which constexpr combinations of ``_convmod_kernel`` are launched (ACT, MUL, SIGMOID and HAS_BIAS free in each):
+forward: GRAD=False, RECOMPUTE=True, STORE_OUT=True, STORE_DV=False; gradient mode: GRAD=True,
+RECOMPUTE = SIGMOID or STORE_DV, STORE_DV only with MUL, STORE_OUT when dA_pre is needed, at least one store (the
+backward skips the launch for ``sum``/``none`` when dv is not needed). ``_convmod_input_grad_kernel``: ACT free.
 """
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
-from .dwconv import (TileConfig, _accumulator_dtypes, _empty_output, _launch_mode, _resolve_tile, _taps_by_channel,
-                     interpreter_enabled)
-from .dwconv import _validate as _validate_conv
-from .dwconv import _launch_weight_grad as dwconv_launch_weight_grad
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
-    tl = None
+from .dwconv import launch_weight_grad as dwconv_launch_weight_grad
+from .launch import (SUM_COMBINE, TileConfig, accumulator_dtypes, empty_output, jit_kernels, launch_mode,
+                     resolve_tile, taps_by_channel, tl, triton, validate_inputs)
 
 __all__ = ['conv_modulation', 'FUSED_WEIGHTINGS', 'FUSIONS']
 
 FUSIONS = ('mul', 'sum')
 FUSED_WEIGHTINGS = ('none', 'sigmoid')
-_SUM = tl.standard._sum_combine if tl is not None else None  # see dwconv: tl.sum is a jitted helper
+_SUM = SUM_COMBINE  # read by the kernels (a global of this module); see launch: tl.sum is a jitted helper
 
 # GELU constants are inlined as literals in the kernels (jitted code may read only constexpr globals):
 # 0.7071067811865476 = 1/sqrt(2), 0.3989422804014327 = 1/sqrt(2*pi).
@@ -162,24 +159,22 @@ class _Kernels(NamedTuple):
     input_grad: object
 
 
-@functools.lru_cache(maxsize=None)
 def _kernels(interpret: bool) -> _Kernels:
-    """Jit the kernels for the current mode (``interpret`` keys the cache; triton reads it while jitting)."""
-    assert interpret == interpreter_enabled()
-    return _Kernels(*(triton.jit(fn) for fn in (_convmod_kernel, _convmod_input_grad_kernel)))
+    """The kernels jitted for the current mode (cached per mode)."""
+    return _Kernels(*jit_kernels(interpret, (_convmod_kernel, _convmod_input_grad_kernel)))
 
 
 # --------------------------------------------------------------------------------------------------------- launchers
 
 def _require_launchable(x: Tensor) -> _Kernels:
     """The kernels for ``x``'s device, or a RuntimeError saying what is missing."""
-    return _kernels(_launch_mode(x, 'conv_modulation'))
+    return _kernels(launch_mode(x, 'conv_modulation'))
 
 
 def _grid_and_blocks(x: Tensor, tile: Optional[TileConfig] = None) -> tuple[tuple[int, int, int], dict]:
     """Launch grid and tile keywords (BLOCK_* and num_warps) for ``x``; ``tile`` overrides the heuristic."""
     batch, channels, height, width = x.shape
-    tile = _resolve_tile(x, tile)
+    tile = resolve_tile(x, tile)
     grid = (triton.cdiv(height, tile.block_h) * triton.cdiv(width, tile.block_w), triton.cdiv(channels, tile.block_c),
             batch)
     return grid, tile.launch_kwargs()
@@ -193,18 +188,18 @@ def _launch_modulate(a: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor
     kernels = _require_launchable(a)
     sigmoid, mul = weighting == 'sigmoid', fusion == 'mul'
     if grad is None:
-        out, dv, recompute = _empty_output(a), None, True
+        out, dv, recompute = empty_output(a), None, True
         outputs = [out]
     else:
         need_dv = need_dv and mul  # dv of a sum is the incoming gradient itself
-        out = _empty_output(a) if need_pre else None
-        dv = _empty_output(v) if need_dv else None
+        out = empty_output(a) if need_pre else None
+        dv = empty_output(v) if need_dv else None
         recompute = sigmoid or need_dv
         outputs = [t for t in (out, dv) if t is not None]
     if a.numel() == 0 or not outputs:
         return outputs
     grid, blocks = _grid_and_blocks(a, tile)
-    w_taps = _taps_by_channel(weight)
+    w_taps = taps_by_channel(weight)
     out_ = out if out is not None else outputs[0]
     kernels.modulate[grid](
         a, v, w_taps, w_taps if bias is None else bias.contiguous(), a if grad is None else grad, out_,
@@ -212,7 +207,7 @@ def _launch_modulate(a: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor
         *(a if grad is None else grad).stride(), *out_.stride(), *(dv if dv is not None else out_).stride(),
         K=weight.shape[-1], ACT=act, SIGMOID=sigmoid, MUL=mul, HAS_BIAS=bias is not None, GRAD=grad is not None,
         RECOMPUTE=recompute, STORE_OUT=out is not None, STORE_DV=dv is not None,
-        ACC_DTYPE=_accumulator_dtypes(a.dtype)[1], **blocks)
+        ACC_DTYPE=accumulator_dtypes(a.dtype)[1], **blocks)
     return outputs
 
 
@@ -221,13 +216,13 @@ def _launch_input_grad(grad_pre: Tensor, a: Tensor, weight: Tensor, act: bool,
     """da = transposed depthwise conv of ``grad_pre`` times GELU'(a) (times 1 without ``act``), in a's layout;
     ``tile`` overrides the tile heuristic."""
     kernels = _require_launchable(a)
-    da = _empty_output(a)
+    da = empty_output(a)
     if da.numel() == 0:
         return da
     grid, blocks = _grid_and_blocks(a, tile)
     kernels.input_grad[grid](
-        grad_pre, a, _taps_by_channel(weight), da, a.shape[1], a.shape[2], a.shape[3], *grad_pre.stride(),
-        *a.stride(), *da.stride(), K=weight.shape[-1], ACT=act, ACC_DTYPE=_accumulator_dtypes(a.dtype)[1], **blocks)
+        grad_pre, a, taps_by_channel(weight), da, a.shape[1], a.shape[2], a.shape[3], *grad_pre.stride(),
+        *a.stride(), *da.stride(), K=weight.shape[-1], ACT=act, ACC_DTYPE=accumulator_dtypes(a.dtype)[1], **blocks)
     return da
 
 
@@ -247,7 +242,7 @@ def _conv_modulation_op(a: Tensor, v: Tensor, weight: Tensor, bias: Optional[Ten
 
 @_conv_modulation_op.register_fake
 def _(a, v, weight, bias, act, fusion, weighting):
-    return _empty_output(a)
+    return empty_output(a)
 
 
 @torch.library.custom_op('conv2former::conv_modulation_grad_pre', mutates_args=())
@@ -258,7 +253,7 @@ def _grad_pre_op(grad: Tensor, a: Tensor, v: Tensor, weight: Tensor, bias: Optio
 
 @_grad_pre_op.register_fake
 def _(grad, a, v, weight, bias, act, fusion, weighting, need_pre, need_dv):
-    return [_empty_output(a)] * need_pre + [_empty_output(v)] * (need_dv and fusion == 'mul')
+    return [empty_output(a)] * need_pre + [empty_output(v)] * (need_dv and fusion == 'mul')
 
 
 @torch.library.custom_op('conv2former::conv_modulation_grad_input', mutates_args=())
@@ -268,7 +263,7 @@ def _grad_input_op(grad_pre: Tensor, a: Tensor, weight: Tensor, act: bool) -> Te
 
 @_grad_input_op.register_fake
 def _(grad_pre, a, weight, act):
-    return _empty_output(a)
+    return empty_output(a)
 
 
 @torch.library.custom_op('conv2former::conv_modulation_grad_weight', mutates_args=())
@@ -328,7 +323,7 @@ def _validate(a: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor], act,
     if v.shape != a.shape:
         raise ValueError(f'conv_modulation expects a and v of the same shape, got {tuple(a.shape)} and '
                          f'{tuple(v.shape)}')
-    _validate_conv(a, weight, bias, op='conv_modulation', x_name='input a', others=(('v', v),))
+    validate_inputs(a, weight, bias, op='conv_modulation', x_name='input a', others=(('v', v),))
 
 
 def conv_modulation(a: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor] = None, act: bool = True,

@@ -14,7 +14,7 @@ import torch.utils.data
 from PIL import Image
 from tqdm import tqdm
 
-from ...data import IMG_EXTENSIONS, FileLister, _default_cache_dir, find_split, load_rgb
+from ...data import IMG_EXTENSIONS, FileLister, default_cache_dir, find_split, load_rgb
 
 __all__ = ['ImageFolderDataset', 'TimmSourceDataset', 'build_datasets', 'build_timm_datasets', 'is_timm_source']
 
@@ -242,7 +242,7 @@ def build_timm_datasets(name: str, root: str | os.PathLike | None = None, downlo
     if not name.lower().startswith(TIMM_SOURCES):
         raise ValueError(f'{name}: only map-style timm sources {TIMM_SOURCES} are supported (iterable ones cannot '
                          f'resume mid-epoch); give an ImageFolder tree or archive instead')
-    root = Path(root) if root is not None else _default_cache_dir() / name.replace('/', '-')
+    root = Path(root) if root is not None else default_cache_dir() / name.replace('/', '-')
     splits = []
     for split, is_training in (('train', True), ('validation', False)):
         try:

@@ -20,7 +20,7 @@ from PIL import Image
 from timm.models import split_model_name_tag
 
 from ...data import load_rgb
-from ...fileio import (CONFIG_NAME, WEIGHTS_NAME, _drop_state_dict_ref, atomic_path, find_model_folder,
+from ...fileio import (CONFIG_NAME, WEIGHTS_NAME, drop_state_dict_ref, atomic_path, find_model_folder,
                        infer_num_classes, load_classifier_folder, unwrap_module, write_model_folder)
 from ...models import MODEL_CONFIGS, load_state_dict_file, unwrap_state_dict
 from ...models import MODEL_NAMES
@@ -89,7 +89,7 @@ def _load_weights_file(path: Path, model_name: str | None, use_ema: bool, model_
     overlay = dict(model_kwargs.pop('pretrained_cfg_overlay', None) or {})
     overlay.update(file=str(path), state_dict=state_dict, num_classes=infer_num_classes(state_dict))
     model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay, **model_kwargs)
-    _drop_state_dict_ref(model)
+    drop_state_dict_ref(model)
     return model
 
 
@@ -213,7 +213,7 @@ def convert_upstream(
     overlay = dict(model_kwargs.pop('pretrained_cfg_overlay', None) or {})
     overlay.update(file=str(src), state_dict=raw, num_classes=num_classes)
     model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay, **model_kwargs)
-    _drop_state_dict_ref(model)
+    drop_state_dict_ref(model)
     del raw
     model_args = dict(_architecture_args(model_name, model_kwargs), num_classes=num_classes,
                       in_chans=getattr(model, 'in_chans', 3))

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ...data import _default_cache_dir, load_rgb
+from ...data import default_cache_dir, load_rgb
 from .batch_augment import BatchRandAugment
 from .data import ImageFolderDataset
 
@@ -82,7 +82,7 @@ def build_tensor_cache(split_dir, size: int, prepare: Callable, recipe: str, cla
     listing = ImageFolderDataset(split_dir, class_names=class_names, strict=strict)
     root = Path(split_dir)
     key = _cache_key(listing.samples, root, listing.class_names, f'{recipe}@{size}')
-    base = Path(cache_dir).expanduser() if cache_dir is not None else _default_cache_dir() / 'tensor-cache'
+    base = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir() / 'tensor-cache'
     target = base / f'{root.parent.name}-{root.name}-{size}px-{key}'
     if (target / 'meta.json').is_file():
         return target
