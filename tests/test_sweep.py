@@ -129,18 +129,44 @@ def test_a_killed_sweep_resumes_where_it_stopped(tmp_path, toy):
     assert json.loads((second / 'sweep_run.json').read_text())['invocations'] == 1
 
 
-@pytest.mark.parametrize('preset', sorted((Path(__file__).resolve().parents[1] / 'experiments' / 'sweeps')
-                                          .glob('*.yaml')), ids=lambda p: p.stem)
-def test_paper_presets_are_valid_sweeps(preset, toy):
+SWEEPS = Path(__file__).resolve().parents[1] / 'experiments' / 'sweeps'
+
+
+def _planned(preset: Path, toy: Path):
     from conv2former.cli import build_parser
     from conv2former.sweep.cli import _sweep_from_args
     from conv2former.sweep.runner import plan_runs, validate_runs
     args = build_parser().parse_args(['sweep', '--config', str(preset), '--data', str(toy)])
     sweep, folder = _sweep_from_args(args)
     runs = plan_runs(sweep, folder)
-    resolved = validate_runs(runs, sweep.task)  # every grid point's options and model, on the meta device
-    assert len(runs) == len(sweep.variants()) * 3 >= 6 and folder.parent == Path('runs')
-    assert all(o.epochs == 20 and o.img_size == 128 and o.data_cache for o in resolved.values())
+    return sweep, folder, runs, validate_runs(runs, sweep.task)  # every grid point's options and model, on meta
+
+
+@pytest.mark.parametrize('preset', sorted(SWEEPS.glob('*.yaml')), ids=lambda p: p.stem)
+def test_paper_presets_are_valid_sweeps(preset, toy):
+    sweep, folder, runs, resolved = _planned(preset, toy)
+    if preset.stem.startswith('cpu-'):  # the pre-registered CPU ablations (experiments/results/ablations-cpu)
+        assert len(runs) == len(sweep.variants()) * 3 and folder == Path('runs/ablations-cpu')
+        assert all(o.epochs == 3 and o.img_size == 96 and o.batch_size == 64 and o.data_cache
+                   and o.model_kwargs['depths'] == [1, 1, 3, 1] for o in resolved.values())
+    else:
+        assert len(runs) == len(sweep.variants()) * 3 >= 6 and folder.parent == Path('runs')
+        assert all(o.epochs == 20 and o.img_size == 128 and o.data_cache for o in resolved.values())
+
+
+def test_cpu_ablation_presets_train_the_default_point_once(toy):
+    """The four cpu-*.yaml presets share one sweep folder; the default point (mul, none, k7) has the same run names
+    and the same settings in the fusion, weighting and kernel presets, so a later preset reuses those runs."""
+    from conv2former.engine.options import as_dict
+    plans = {}
+    for preset in sorted(SWEEPS.glob('cpu-*.yaml')):
+        _, _, runs, resolved = _planned(preset, toy)
+        plans[preset.stem] = {r.name: as_dict(resolved[r.name]) for r in runs}
+    assert sorted(plans) == ['cpu-convnext', 'cpu-fusion', 'cpu-kernel', 'cpu-weighting']
+    default = [f'fusion-mul_weighting-none_kernel_size-7_seed-{s}' for s in range(3)]
+    for name in default:
+        assert plans['cpu-fusion'][name] == plans['cpu-weighting'][name] == plans['cpu-kernel'][name]
+    assert len(set().union(*plans.values())) == 9 * 3  # 9 distinct grid points x 3 seeds
 
 
 def test_parallel_runs_in_separate_processes(tmp_path, toy):
