@@ -113,7 +113,7 @@ def _stop_agreed(run: Run) -> bool:
 
 def interrupted(run: Run) -> Interrupted:
     """The exception that ends a run stopped by a signal, its message (logged) naming the resume command."""
-    st, name = run.state, getattr(run.task, 'name', '')
+    st, name = run.state, run.task.name
     command = f'conv2former {name + " " if name else ""}train --resume {run.run_dir}'
     message = f'interrupted at epoch {st.epoch_number} step {st.step}; resume with: {command}'
     if run.env.is_main:
@@ -167,18 +167,18 @@ def setup(task: Task, env: DistEnv, run_log: RunLog, lock: RunLock) -> Run:
                                                 updates_per_epoch=steps_per_epoch)
     scheduler.step_update(0)  # the warm-up start and the layer-decay lr scales hold from the first step on
     scaler = torch.amp.GradScaler(env.device.type, enabled=o.amp == 'fp16')
-    ema = ModelEmaV3(model, decay=o.model_ema_decay) if getattr(o, 'model_ema', False) else None
+    ema = ModelEmaV3(model, decay=task.ema_decay) if task.ema_decay is not None else None
     state = TrainState(model, optimizer, scheduler, scaler, ema)
     if saved is not None:
         state.load(resume_from, saved, env, o.batch_size)
     train_model = model
-    if getattr(o, 'compile', None):
-        train_model = torch.compile(model, backend=o.compile)
+    if task.compile_backend:
+        train_model = torch.compile(model, backend=task.compile_backend)
     if env.distributed:
         # detectors leave heads unused on batches without positives: DDP must allow that where the task says so
         train_model = DistributedDataParallel(
             train_model, device_ids=[env.device.index] if env.device.type == 'cuda' else None,
-            find_unused_parameters=getattr(task, 'find_unused_parameters', False))
+            find_unused_parameters=task.find_unused_parameters)
     seeded_train = SeededDataset(train_ds, o.seed)
     sampler = DistributedSampler(seeded_train, num_replicas=env.world_size, rank=env.rank, shuffle=True,
                                  seed=o.seed, drop_last=True)
@@ -342,9 +342,7 @@ def finish(run: Run) -> dict:
     task, st = run.task, run.state
     if run.tb is not None:
         run.tb.close()
-    for dataset in (run.train_ds, run.val_ds):  # datasets that count skipped files per rank merge the counts
-        if hasattr(dataset, 'merge_skipped'):
-            dataset.merge_skipped(run.env)
+    task.merge_data_counts(run.env)  # datasets that count skipped files per rank merge the counts
     final = dict(st.history[-1]) if st.history else {}
     if st.best is not None:
         final.update(best_epoch=st.best['epoch'], **{task.best_key: st.best['value']})

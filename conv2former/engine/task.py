@@ -23,10 +23,16 @@ class Task(Protocol):
     curves: dict              # report curves: {label: metrics key}
     metric_label: str         # y-axis label of the metric curves
     collate: Optional[Callable]
+    name: str                 # the CLI command prefix of the task's train command ('' for classification)
+    find_unused_parameters: bool  # DDP must allow parameters without gradients (detectors' heads)
+    ema_decay: Optional[float]    # keep an EMA of the weights with this decay (None: no EMA)
+    compile_backend: Optional[str]  # torch.compile the training model with this backend (None: eager)
 
     def datasets(self) -> tuple[Dataset, Dataset]:
-        """(train, val); both have ``class_names``; data clean-up counts are logged by ``log_data``. A dataset that
-        counts skipped files per process may define ``merge_skipped(env)``: the engine calls it on every rank
+        """(train, val); both have ``class_names``; data clean-up counts are logged by ``log_data``."""
+
+    def merge_data_counts(self, env: DistEnv) -> None:
+        """Make per-process counts of the datasets (skipped files) the run's; a collective, called on every rank
         before ``finish``."""
 
     def log_data(self, train: Dataset, val: Dataset) -> None:

@@ -125,6 +125,12 @@ class DenseTask:
     name = ''
     collate = None
     record_keys: tuple = ()  # eval flags that default to the run's config.yaml values (besides data)
+    find_unused_parameters = False
+    ema_decay = None        # no EMA and no torch.compile for the dense tasks
+    compile_backend = None
+
+    def merge_data_counts(self, env) -> None:
+        """The dense datasets count nothing per process."""
 
     def __init__(self, options):
         self.options = options

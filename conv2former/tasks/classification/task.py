@@ -21,7 +21,8 @@ from ...engine.options import (RunOptions, non_negative_float, non_negative_int,
                                redefault)
 from ...data import resolve_data_dir
 from ...fileio import pretrained_overlay, write_model_folder
-from .data import allow_zero_bit_posterize, build_datasets, build_timm_datasets, check_auto_augment, is_timm_source
+from .data import (ImageFolderDataset, allow_zero_bit_posterize, build_datasets, build_timm_datasets, check_auto_augment,
+                   is_timm_source)
 from .evaluate import evaluate, save_confusion_matrix_png, write_results
 from .recipes import DROP_PATH, RECIPES
 from ...models import MODEL_NAMES
@@ -128,11 +129,26 @@ class ClassificationTask:
     curves = None        # and curves
     metric_label = 'accuracy (%)'
     collate = None
+    name = ''
+    find_unused_parameters = False
 
     def __init__(self, options: ClassificationOptions):
         self.options = options
         self.model_id = self.run_name = options.model
         self.mixup = self.criterion = self.data_config = self._datasets = self.batch_augment = None
+
+    @property
+    def ema_decay(self) -> Optional[float]:
+        return self.options.model_ema_decay if self.options.model_ema else None
+
+    @property
+    def compile_backend(self) -> Optional[str]:
+        return self.options.compile
+
+    def merge_data_counts(self, env) -> None:
+        for dataset in self._datasets:  # image folders count unreadable files per rank; the tensor cache once
+            if isinstance(dataset, ImageFolderDataset):
+                dataset.merge_skipped(env)
 
     def datasets(self) -> tuple[Dataset, Dataset]:
         o = self.options
