@@ -402,3 +402,14 @@ def test_benchmark_smoke(tmp_path):
         assert row['ms'] > 0 and row['ratio'] == pytest.approx(row['ms'] / row['roofline_ms'])
         assert (row['max_rel_err'] is None) == (row['impl'] != 'triton')
         assert row['max_rel_err'] is None or row['max_rel_err'] < report['rel_err_limit']
+
+
+def test_a_hand_passed_tile_that_would_spill_is_warned_about(recwarn):
+    """64x8x16 at 1-4 warps: 64-256 elements per thread, 182-255 registers / spills on sm_90 (benchmarks/results/aot);
+    the heuristic's tiles and gpu_check's candidates hold at most 16 and pass silently."""
+    x = torch.randn(2, 72, 56, 56).to(memory_format=torch.channels_last)
+    for tile in ((32, 4, 8, 4), (64, 4, 4, 4), (32, 8, 8, 8), (4, 8, 64, 8), None):
+        launch.resolve_tile(x, tile)
+    assert not [w for w in recwarn if 'per thread' in str(w.message)]
+    with pytest.warns(UserWarning, match=r'64x8x16 at 1 warps holds 256 accumulator elements per thread'):
+        launch.resolve_tile(x, (64, 8, 16, 1))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from typing import NamedTuple, Optional
 
 import torch
@@ -28,6 +29,9 @@ __all__ = ['SUPPORTED_DTYPES', 'MIN_KERNEL_SIZE', 'MAX_KERNEL_SIZE', 'SUM_COMBIN
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 MIN_KERNEL_SIZE, MAX_KERNEL_SIZE = 3, 31
+# Above this many tile elements per thread the ahead-of-time compiled kernels (benchmarks/kernel_aot.py) use 182-255
+# registers or spill; every tile the heuristic picks, and gpu_check's candidates, hold 8-16.
+MAX_ELEMENTS_PER_THREAD = 32
 
 # The kernels call only Triton builtins. triton.language's own jitted helpers (tl.cdiv, tl.sum, tl.zeros, ...) become
 # compiled or interpreted when triton.language is imported, which may be before TRITON_INTERPRET is set, and a compiled
@@ -116,6 +120,12 @@ def resolve_tile(x: Tensor, tile: Optional[TileConfig]) -> TileConfig:
             raise ValueError(f'tile {name} must be a power of two in [1, {limit}], got {value!r}')
     if tile.block_c * tile.block_h * tile.block_w > 8192:
         raise ValueError(f'tile {tile.block_c}x{tile.block_h}x{tile.block_w} has more than 8192 elements')
+    per_thread = tile.block_c * tile.block_h * tile.block_w // (32 * tile.num_warps)
+    if per_thread > MAX_ELEMENTS_PER_THREAD:
+        warnings.warn(f'tile {tile.block_c}x{tile.block_h}x{tile.block_w} at {tile.num_warps} warps holds {per_thread} '
+                      f'accumulator elements per thread (> {MAX_ELEMENTS_PER_THREAD}): compiled for sm_90 / sm_80, '
+                      f'such tiles take 182-255 registers (8 of 64 warps per SM) and spill up to 12 KB at 1-2 warps '
+                      f'(benchmarks/results/aot/aot.md); use more warps or a smaller tile', stacklevel=3)
     return tile
 
 
