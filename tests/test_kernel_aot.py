@@ -73,7 +73,7 @@ def test_quick_record_fields(quick):
     assert '4.83' in md and 'Bandwidth lower bound' in md
 
 
-def test_dwconv_forward_registers_match_the_jit_specialisation(quick):
+def test_dwconv_forward_registers_match_the_jit_specialisation(quick, compiled_mode):
     """~40 registers on sm_90 for the heuristic's 32x4x8 / 4 warps (fp32, channels_last), as a real launch."""
     assert aot.tile_heuristic(72, 56, 56, True) == (32, 4, 8)
     [r] = [r for r in quick['records'] if r['arch'] == 90 and r['kernel'] == 'dwconv.forward' and r['dtype'] == 'fp32'
