@@ -161,8 +161,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.format in ('onnx', 'all'):
         onnx_path = export_onnx(model, args.output / 'model.onnx', size, in_chans=in_chans, metadata=record)
         record['onnx_input'] = onnx_input_shape(onnx_path)
-        if 'fixed_size_reason' in onnx_metadata(onnx_path):
-            record['onnx_fixed_size_reason'] = onnx_metadata(onnx_path)['fixed_size_reason']
+        fixed = onnx_metadata(onnx_path).get('fixed_size_reason')  # one read of the file's metadata
+        if fixed:
+            record['onnx_fixed_size_reason'] = fixed
         print(f'ONNX: {onnx_path} (input {record["onnx_input"]})')
     if args.format in ('torch', 'all'):
         pt2_path = export_torch(model, args.output / 'model.pt2', size, in_chans=in_chans)
