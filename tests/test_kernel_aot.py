@@ -1,10 +1,11 @@
-"""benchmarks/kernel_aot.py (issue 25): the Triton kernels compiled ahead of time for sm_90 and sm_80 without a GPU.
+"""benchmarks.kernel_aot (issue 25): the Triton kernels compiled ahead of time for sm_90 and sm_80 without a GPU.
 
 The quick report (C2F-T stage 1, k=11, the heuristic's tile, the representative launcher variants, three dtypes,
 both archs) runs once in a subprocess (no TRITON_INTERPRET there; ~30-60 s on 2 cores): every kernel compiles, none
 spills, the records carry their fields, and the dwconv forward at 32x4x8 / 4 warps uses ~40 registers on sm_90 as
 with the JIT's own specialisation (an all-i32 signature without divisibility hints gives ~91). The rest checks,
-without compiling, that launches go through the real launchers and triton's binder. The full sweep is slow.
+without compiling, that launches go through the real launchers and triton's binder, and that ``kernel_aot.timed``
+(gpu_check's numbers) reads known compilations from a report and compiles the others. The full sweep is slow.
 """
 import json
 import os
@@ -14,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks import kernel_aot as aot
+from benchmarks.kernel_aot import timed
+from conv2former.ops import launch
 
-from benchmarks import kernel_aot as aot  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(aot.ptxas_path(90) is None,
                                 reason="triton's ptxas (triton/backends/nvidia/bin/ptxas) is absent: nothing to "
@@ -75,7 +77,7 @@ def test_quick_record_fields(quick):
 
 def test_dwconv_forward_registers_match_the_jit_specialisation(quick, compiled_mode):
     """~40 registers on sm_90 for the heuristic's 32x4x8 / 4 warps (fp32, channels_last), as a real launch."""
-    assert aot.tile_heuristic(72, 56, 56, True) == (32, 4, 8)
+    assert launch.tile_config(72, 56, 56, True) == (32, 4, 8)
     [r] = [r for r in quick['records'] if r['arch'] == 90 and r['kernel'] == 'dwconv.forward' and r['dtype'] == 'fp32'
            and 'dwconv.fwd bias' in r['variants']]
     assert 36 <= r['regs'] <= 44, r
@@ -92,7 +94,7 @@ def compiled_mode(monkeypatch):
 
 def test_launches_are_the_launchers_own_and_binder_specialised(compiled_mode):
     case = aot.Case('T', 1, 128)
-    tensors = aot.make_tensors(case, 'channels_last', aot.DTYPES['bf16'], 11)
+    tensors = aot.make_tensors(case.shape, 'channels_last', aot.DTYPES['bf16'], 11)
     by_name = {v.name: v for v in aot.variants()}
     [launch] = aot.record_launches(by_name['dwconv.wgrad act'], tensors, None, aot.ARCHS[90].sms)
     assert launch.kernel == 'dwconv.weight_grad'
@@ -110,7 +112,7 @@ def test_launches_are_the_launchers_own_and_binder_specialised(compiled_mode):
     assert 'B:i32:16' in spec and 'C:i32' in spec and 'sxc=1' in spec and 'sxw:i32' in spec  # 72 is not 16k
     assert info['flags']['ACT'] is True and info['num_warps'] == 4
     # the same launch on NCHW: the width stride is the constant 1, the heuristic's tile wide along W
-    nchw = aot.make_tensors(case, 'NCHW', aot.DTYPES['bf16'], 11)
+    nchw = aot.make_tensors(case.shape, 'NCHW', aot.DTYPES['bf16'], 11)
     [launch] = aot.record_launches(by_name['dwconv.fwd bias'], nchw, None, aot.ARCHS[90].sms)
     assert (launch.kwargs['BLOCK_C'], launch.kwargs['BLOCK_H'], launch.kwargs['BLOCK_W']) == (4, 8, 32)
     assert 'sxw=1' in aot.specialise(launch, 90)['specialization'].split()
@@ -132,6 +134,21 @@ def test_hand_passed_tiles_reach_the_kernel(compiled_mode):
                               heuristic=False)
     [job] = aot.enumerate_jobs(selection, [90])
     assert job['tile'] == '64x8x16' and job['num_warps'] == 2 and job['tile_source'] == 'hand'
+
+
+def test_timed_reads_known_compilations_and_compiles_the_rest(quick, compiled_mode, tmp_path):
+    """gpu_check's AOT numbers: the reference shape's forward from the quick report, an odd shape compiled now."""
+    config = dict(case='ref', variant='dwconv.fwd bias', dtype='bf16', layout='channels_last', shape=[128, 72, 56, 56],
+                  k=11, tile=None)
+    odd = dict(config, case='odd', shape=[2, 5, 7, 3], k=3, tile=[8, 4, 4, 2])
+    result = timed.resources([config, odd], 90, quick['records'], out=tmp_path / 'timed.json')
+    ref, new = result['rows']
+    assert ref['from'] == 'aot.json' and ref['tile'] == '32x4x8' and ref['requested_tile'] is None
+    known = next(r for r in quick['records'] if r['key'] == ref['key'])
+    assert (ref['regs'], ref['warps_per_sm']) == (known['regs'], known['warps_per_sm'])
+    assert new['from'] == 'compiled' and new['tile'] == '8x4x4' and new['num_warps'] == 2 and new['ok']
+    assert 16 <= new['regs'] <= 255 and new['spill_stores'] == 0 and new['kernel'] == 'dwconv.forward'
+    assert json.loads((tmp_path / 'timed.json').read_text())['rows'] == result['rows']
 
 
 def test_occupancy_model():

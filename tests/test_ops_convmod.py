@@ -150,7 +150,7 @@ def test_weight_grad_splits():
     """The GPU splits the weight-gradient reduction over spatial tiles; the interpreter uses one split by default."""
     a, _, weight, _ = make_inputs(2, 6, 10, 9, 3, channels_last=True)
     grad_pre = torch.randn_like(a)
-    grad_w, grad_b = convmod._launch_weight_grad(grad_pre, a, 3, act=True, splits=4)
+    grad_w, grad_b = dwconv.launch_weight_grad(grad_pre, a, 3, act=True, splits=4)  # convmod's weight gradient
     leaves = [t.detach().requires_grad_() for t in (weight, torch.zeros(6))]
     F.conv2d(F.gelu(a), *leaves, padding=1, groups=6).backward(grad_pre)
     torch.testing.assert_close(grad_w, leaves[0].grad, atol=1e-5, rtol=1e-5)
@@ -223,7 +223,7 @@ def test_kernels_compile_for_hopper(monkeypatch, channels_last):
     from triton.compiler import ASTSource, compile as triton_compile
 
     monkeypatch.delenv('TRITON_INTERPRET')
-    kernels = convmod._kernels(False)
+    kernels = convmod.KERNELS.jitted(False)
     block_c, block_h, block_w = launch.tile_config(72, 56, 56, channels_last)
     blocks = dict(K=7, ACT=True, ACC_DTYPE=convmod.tl.float32, BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w)
     flags = dict(SIGMOID=True, MUL=True, HAS_BIAS=True, STORE_OUT=True)

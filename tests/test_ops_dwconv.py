@@ -7,7 +7,6 @@ import os
 
 os.environ['TRITON_INTERPRET'] = '1'
 
-import importlib.util  # noqa: E402
 import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -23,7 +22,6 @@ import conv2former.ops as ops  # noqa: E402
 from conv2former.ops import depthwise_conv2d, dwconv, dwconv2d, kernel_backend, launch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-BENCH_SCRIPT = REPO / 'benchmarks' / 'bench_dwconv.py'
 TRITON_OP = 'conv2former_depthwise_conv2d'  # in the grad_fn name of the custom op's outputs
 
 
@@ -314,7 +312,7 @@ def test_kernels_compile_for_hopper(monkeypatch, channels_last):
     from triton.compiler import ASTSource, compile as triton_compile
 
     monkeypatch.delenv('TRITON_INTERPRET')
-    kernels = dwconv._kernels(False)
+    kernels = dwconv.KERNELS.jitted(False)
     block_c, block_h, block_w = launch.tile_config(72, 56, 56, channels_last)
     unit_strides = ('sxc', 'syc', 'sdc') if channels_last else ('sxw', 'syw', 'sdw')
     blocks = dict(K=7, ACC_DTYPE=dwconv.tl.float32, BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w)
@@ -361,22 +359,15 @@ def test_validation_errors(x, weight, bias, match):
         depthwise_conv2d(x, weight, bias)
 
 
-def _load_bench_module():
-    spec = importlib.util.spec_from_file_location('bench_dwconv', BENCH_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_benchmark_without_cuda_exits_2(monkeypatch, capsys):
-    bench = _load_bench_module()
+    from benchmarks import bench_dwconv as bench
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     assert bench.main([]) == 2
     assert 'needs a CUDA GPU' in capsys.readouterr().err
 
 
 def test_benchmark_traffic_model():
-    bench = _load_bench_module()
+    from benchmarks import bench_dwconv as bench
     acts, params, channels = 2 * 3 * 4 * 5, 3 * 7 * 7, 3
     assert bench.traffic(2, 3, 4, 5, 7, 2, 'fwd') == (2 * (2 * acts + params + channels), acts * 49)
     assert bench.traffic(2, 3, 4, 5, 7, 2, 'fwd+bwd') == (2 * (6 * acts + 3 * params + 2 * channels), 3 * acts * 49)
@@ -385,8 +376,8 @@ def test_benchmark_traffic_model():
 
 
 def test_benchmark_smoke(tmp_path):
-    result = subprocess.run([sys.executable, str(BENCH_SCRIPT), '--smoke', '--out', str(tmp_path)], cwd=REPO,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, '-m', 'benchmarks.bench_dwconv', '--smoke', '--out', str(tmp_path)],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     (json_path,) = tmp_path.glob('bench_dwconv_bf16_smoke_*.json')
     assert json_path.with_suffix('.md').read_text().startswith('# Depthwise conv: Triton vs F.conv2d')

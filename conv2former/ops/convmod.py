@@ -19,8 +19,8 @@ Backward: autograd saves only a, v, weight and bias; A is recomputed.
 The per-map weightings ``'l1'`` and ``'minmax'`` need statistics over all positions of a map before any output can be
 written, so they are not fused (``FUSED_WEIGHTINGS``); the model keeps its unfused path for them.
 
-Kernels are jitted lazily, as in ``dwconv`` (``TRITON_INTERPRET`` is read at jit time: ``launch.jit_kernels``), and
-call only Triton builtins.
+Kernels are jitted lazily by their ``launch.KernelSet`` (``KERNELS``), as in ``dwconv`` (``TRITON_INTERPRET`` is read
+at jit time), and call only Triton builtins and ``launch.tile_indices``.
 
 Which constexpr combinations of ``_convmod_kernel`` are launched (ACT, MUL, SIGMOID and HAS_BIAS free in each):
 forward: GRAD=False, RECOMPUTE=True, STORE_OUT=True, STORE_DV=False; gradient mode: GRAD=True,
@@ -29,16 +29,16 @@ backward skips the launch for ``sum``/``none`` when dv is not needed). ``_convmo
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .dwconv import launch_weight_grad as dwconv_launch_weight_grad
-from .launch import (SUM_COMBINE, TileConfig, accumulator_dtypes, empty_output, jit_kernels, launch_mode,
-                     resolve_tile, taps_by_channel, tl, triton, validate_inputs)
+from .dwconv import launch_weight_grad
+from .launch import (SUM_COMBINE, KernelSet, TileConfig, accumulator_dtypes, depthwise_sum, empty_output, launch_grid,
+                     taps_by_channel, tile_indices, tl, validate_inputs)
 
-__all__ = ['conv_modulation', 'FUSED_WEIGHTINGS', 'FUSIONS']
+__all__ = ['conv_modulation', 'launch_modulate', 'launch_input_grad', 'KERNELS', 'FUSED_WEIGHTINGS', 'FUSIONS']
 
 FUSIONS = ('mul', 'sum')
 FUSED_WEIGHTINGS = ('none', 'sigmoid')
@@ -63,32 +63,10 @@ def _convmod_kernel(a_ptr, v_ptr, w_ptr, b_ptr, g_ptr, out_ptr, dv_ptr, C, H, W,
     dv = g * w(pre) when STORE_DV. The conv is recomputed only when RECOMPUTE (sigmoid, or dv of a product).
     Grid: (spatial tiles, channel blocks, batch); ``w`` is the weight laid out (K*K, C); all tensors by strides.
     """
-    pid_hw = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    pid_b = tl.program_id(2).to(tl.int64)
-    tiles_w = (W + BLOCK_W - 1) // BLOCK_W
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_h = (pid_hw // tiles_w) * BLOCK_H + tl.arange(0, BLOCK_H)
-    offs_w = (pid_hw % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)
-    c3 = offs_c[:, None, None]
-    h3 = offs_h[None, :, None]
-    w3 = offs_w[None, None, :]
-    mask_c3 = c3 < C
-    mask = mask_c3 & (h3 < H) & (w3 < W)
+    pid_b, c3, h3, w3, mask_c3, mask = tile_indices(C, H, W, BLOCK_C, BLOCK_H, BLOCK_W)
     if RECOMPUTE:
-        a_base = a_ptr + pid_b * sab + c3 * sac
-        att = tl.full((BLOCK_C, BLOCK_H, BLOCK_W), 0, ACC_DTYPE)
-        for i in range(K):
-            in_h = h3 + (i - K // 2)
-            row_mask = mask_c3 & (in_h >= 0) & (in_h < H)
-            a_row = a_base + in_h * sah
-            for j in range(K):
-                in_w = w3 + (j - K // 2)
-                wv = tl.load(w_ptr + (i * K + j) * C + c3, mask=mask_c3, other=0.0).to(ACC_DTYPE)
-                x = tl.load(a_row + in_w * saw, mask=row_mask & (in_w >= 0) & (in_w < W), other=0.0).to(ACC_DTYPE)
-                if ACT:  # GELU(0) = 0, so the zero padding stays zero
-                    x = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
-                att += x * wv
+        att = depthwise_sum(a_ptr + pid_b * sab + c3 * sac, sah, saw, w_ptr, C, H, W, c3, h3, w3, mask_c3, K, False,
+                            ACT, ACC_DTYPE, BLOCK_C, BLOCK_H, BLOCK_W)
         if HAS_BIAS:
             att += tl.load(b_ptr + c3, mask=mask_c3, other=0.0).to(ACC_DTYPE)
         if SIGMOID:
@@ -125,28 +103,9 @@ def _convmod_input_grad_kernel(g_ptr, a_ptr, w_ptr, da_ptr, C, H, W,
     The transposed depthwise conv (correlation with the flipped kernel) of dwconv's input gradient, with the GELU
     derivative Phi(a) + a * phi(a) applied to each output before the store.
     """
-    pid_hw = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    pid_b = tl.program_id(2).to(tl.int64)
-    tiles_w = (W + BLOCK_W - 1) // BLOCK_W
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_h = (pid_hw // tiles_w) * BLOCK_H + tl.arange(0, BLOCK_H)
-    offs_w = (pid_hw % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)
-    c3 = offs_c[:, None, None]
-    h3 = offs_h[None, :, None]
-    w3 = offs_w[None, None, :]
-    mask_c3 = c3 < C
-    mask = mask_c3 & (h3 < H) & (w3 < W)
-    g_base = g_ptr + pid_b * sgb + c3 * sgc
-    acc = tl.full((BLOCK_C, BLOCK_H, BLOCK_W), 0, ACC_DTYPE)
-    for i in range(K):
-        in_h = h3 + (i - K // 2)
-        row_mask = mask_c3 & (in_h >= 0) & (in_h < H)
-        g_row = g_base + in_h * sgh
-        for j in range(K):
-            in_w = w3 + (j - K // 2)
-            wv = tl.load(w_ptr + (K * K - 1 - (i * K + j)) * C + c3, mask=mask_c3, other=0.0).to(ACC_DTYPE)
-            acc += tl.load(g_row + in_w * sgw, mask=row_mask & (in_w >= 0) & (in_w < W), other=0.0).to(ACC_DTYPE) * wv
+    pid_b, c3, h3, w3, mask_c3, mask = tile_indices(C, H, W, BLOCK_C, BLOCK_H, BLOCK_W)
+    acc = depthwise_sum(g_ptr + pid_b * sgb + c3 * sgc, sgh, sgw, w_ptr, C, H, W, c3, h3, w3, mask_c3, K, True, False,
+                        ACC_DTYPE, BLOCK_C, BLOCK_H, BLOCK_W)
     if ACT:
         x = tl.load(a_ptr + pid_b * sab + c3 * sac + h3 * sah + w3 * saw, mask=mask, other=0.0).to(ACC_DTYPE)
         cdf = 0.5 * (1.0 + tl.erf(x * 0.7071067811865476))
@@ -154,38 +113,19 @@ def _convmod_input_grad_kernel(g_ptr, a_ptr, w_ptr, da_ptr, C, H, W,
     tl.store(da_ptr + pid_b * sdb + c3 * sdc + h3 * sdh + w3 * sdw, acc.to(da_ptr.dtype.element_ty), mask=mask)
 
 
-class _Kernels(NamedTuple):
-    modulate: object
-    input_grad: object
-
-
-def _kernels(interpret: bool) -> _Kernels:
-    """The kernels jitted for the current mode (cached per mode)."""
-    return _Kernels(*jit_kernels(interpret, (_convmod_kernel, _convmod_input_grad_kernel)))
+# The kernels by role, jitted per launch mode; the weight gradient is dwconv's kernel (ACT=True).
+KERNELS = KernelSet('convmod', 'conv_modulation', helpers=(tile_indices, depthwise_sum), modulate=_convmod_kernel,
+                    input_grad=_convmod_input_grad_kernel)
 
 
 # --------------------------------------------------------------------------------------------------------- launchers
 
-def _require_launchable(x: Tensor) -> _Kernels:
-    """The kernels for ``x``'s device, or a RuntimeError saying what is missing."""
-    return _kernels(launch_mode(x, 'conv_modulation'))
-
-
-def _grid_and_blocks(x: Tensor, tile: Optional[TileConfig] = None) -> tuple[tuple[int, int, int], dict]:
-    """Launch grid and tile keywords (BLOCK_* and num_warps) for ``x``; ``tile`` overrides the heuristic."""
-    batch, channels, height, width = x.shape
-    tile = resolve_tile(x, tile)
-    grid = (triton.cdiv(height, tile.block_h) * triton.cdiv(width, tile.block_w), triton.cdiv(channels, tile.block_c),
-            batch)
-    return grid, tile.launch_kwargs()
-
-
-def _launch_modulate(a: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor], act: bool, fusion: str,
-                     weighting: str, grad: Optional[Tensor] = None, need_pre: bool = False,
-                     need_dv: bool = False, tile: Optional[TileConfig] = None) -> list[Tensor]:
+def launch_modulate(a: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor], act: bool, fusion: str,
+                    weighting: str, grad: Optional[Tensor] = None, need_pre: bool = False,
+                    need_dv: bool = False, tile: Optional[TileConfig] = None) -> list[Tensor]:
     """Forward ([M]) when ``grad`` is None, else the gradient mode: [dA_pre if need_pre] + [dv if need_dv];
     ``tile`` overrides the tile heuristic."""
-    kernels = _require_launchable(a)
+    kernels = KERNELS.for_input(a)
     sigmoid, mul = weighting == 'sigmoid', fusion == 'mul'
     if grad is None:
         out, dv, recompute = empty_output(a), None, True
@@ -198,7 +138,7 @@ def _launch_modulate(a: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor
         outputs = [t for t in (out, dv) if t is not None]
     if a.numel() == 0 or not outputs:
         return outputs
-    grid, blocks = _grid_and_blocks(a, tile)
+    grid, tile = launch_grid(a, tile)
     w_taps = taps_by_channel(weight)
     out_ = out if out is not None else outputs[0]
     kernels.modulate[grid](
@@ -207,29 +147,24 @@ def _launch_modulate(a: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor
         *(a if grad is None else grad).stride(), *out_.stride(), *(dv if dv is not None else out_).stride(),
         K=weight.shape[-1], ACT=act, SIGMOID=sigmoid, MUL=mul, HAS_BIAS=bias is not None, GRAD=grad is not None,
         RECOMPUTE=recompute, STORE_OUT=out is not None, STORE_DV=dv is not None,
-        ACC_DTYPE=accumulator_dtypes(a.dtype)[1], **blocks)
+        ACC_DTYPE=accumulator_dtypes(a.dtype)[1], **tile.launch_kwargs())
     return outputs
 
 
-def _launch_input_grad(grad_pre: Tensor, a: Tensor, weight: Tensor, act: bool,
-                       tile: Optional[TileConfig] = None) -> Tensor:
+def launch_input_grad(grad_pre: Tensor, a: Tensor, weight: Tensor, act: bool,
+                      tile: Optional[TileConfig] = None) -> Tensor:
     """da = transposed depthwise conv of ``grad_pre`` times GELU'(a) (times 1 without ``act``), in a's layout;
     ``tile`` overrides the tile heuristic."""
-    kernels = _require_launchable(a)
+    kernels = KERNELS.for_input(a)
     da = empty_output(a)
     if da.numel() == 0:
         return da
-    grid, blocks = _grid_and_blocks(a, tile)
+    grid, tile = launch_grid(a, tile)
     kernels.input_grad[grid](
         grad_pre, a, taps_by_channel(weight), da, a.shape[1], a.shape[2], a.shape[3], *grad_pre.stride(),
-        *a.stride(), *da.stride(), K=weight.shape[-1], ACT=act, ACC_DTYPE=accumulator_dtypes(a.dtype)[1], **blocks)
+        *a.stride(), *da.stride(), K=weight.shape[-1], ACT=act, ACC_DTYPE=accumulator_dtypes(a.dtype)[1],
+        **tile.launch_kwargs())
     return da
-
-
-def _launch_weight_grad(grad_pre: Tensor, a: Tensor, k: int, act: bool, splits: Optional[int] = None,
-                        tile: Optional[TileConfig] = None) -> tuple[Tensor, Tensor]:
-    """(grad_weight (C, 1, k, k), grad_bias (C,)) of the depthwise conv of act(a), in a's dtype."""
-    return dwconv_launch_weight_grad(grad_pre, a, k, splits=splits, act=act, tile=tile)
 
 
 # ----------------------------------------------------------------------------------------------------- custom ops
@@ -237,7 +172,7 @@ def _launch_weight_grad(grad_pre: Tensor, a: Tensor, k: int, act: bool, splits: 
 @torch.library.custom_op('conv2former::conv_modulation', mutates_args=())
 def _conv_modulation_op(a: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor], act: bool, fusion: str,
                         weighting: str) -> Tensor:
-    return _launch_modulate(a, v, weight, bias, act, fusion, weighting)[0]
+    return launch_modulate(a, v, weight, bias, act, fusion, weighting)[0]
 
 
 @_conv_modulation_op.register_fake
@@ -248,7 +183,7 @@ def _(a, v, weight, bias, act, fusion, weighting):
 @torch.library.custom_op('conv2former::conv_modulation_grad_pre', mutates_args=())
 def _grad_pre_op(grad: Tensor, a: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor], act: bool, fusion: str,
                  weighting: str, need_pre: bool, need_dv: bool) -> list[Tensor]:
-    return _launch_modulate(a, v, weight, bias, act, fusion, weighting, grad, need_pre, need_dv)
+    return launch_modulate(a, v, weight, bias, act, fusion, weighting, grad, need_pre, need_dv)
 
 
 @_grad_pre_op.register_fake
@@ -258,7 +193,7 @@ def _(grad, a, v, weight, bias, act, fusion, weighting, need_pre, need_dv):
 
 @torch.library.custom_op('conv2former::conv_modulation_grad_input', mutates_args=())
 def _grad_input_op(grad_pre: Tensor, a: Tensor, weight: Tensor, act: bool) -> Tensor:
-    return _launch_input_grad(grad_pre, a, weight, act)
+    return launch_input_grad(grad_pre, a, weight, act)
 
 
 @_grad_input_op.register_fake
@@ -268,7 +203,7 @@ def _(grad_pre, a, weight, act):
 
 @torch.library.custom_op('conv2former::conv_modulation_grad_weight', mutates_args=())
 def _grad_weight_op(grad_pre: Tensor, a: Tensor, kernel_size: int, act: bool) -> tuple[Tensor, Tensor]:
-    return _launch_weight_grad(grad_pre, a, kernel_size, act)
+    return launch_weight_grad(grad_pre, a, kernel_size, act=act)  # dwconv's, GELU on each loaded tap
 
 
 @_grad_weight_op.register_fake

@@ -6,10 +6,10 @@ serves NCHW and channels_last (NHWC) inputs; the output keeps the input's memory
 bias are Triton kernels too; the weight/bias gradient is deterministic (per-program partial sums reduced by torch.sum).
 Sums accumulate in float32 (float64 for float64 inputs, so ``torch.autograd.gradcheck`` works).
 
-The kernels below are plain functions, jitted on first use for the launch mode (``launch.jit_kernels``); what this
-module shares with ``convmod`` (tiles, launch mode, validation) is in ``launch``. Postponed annotations
-(``from __future__ import annotations``) let the kernels' ``tl.constexpr`` parameters be defined when triton is not
-installed.
+The kernels below are plain functions, jitted on first use for the launch mode by their ``launch.KernelSet``
+(``KERNELS``); what this module shares with ``convmod`` (tiles, grid, launch mode, the tile opening and the k x k
+sum of the kernels, validation) is in ``launch``. Postponed annotations (``from __future__ import annotations``) let
+the kernels' ``tl.constexpr`` parameters be defined when triton is not installed.
 
 Which constexpr combinations are launched: the forward kernel with FLIP=False (forward, HAS_BIAS as the layer) and
 FLIP=True, HAS_BIAS=False (input gradient); the weight-gradient kernel with ACT=False (this op) and ACT=True
@@ -17,17 +17,18 @@ FLIP=True, HAS_BIAS=False (input gradient); the weight-gradient kernel with ACT=
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .launch import (MAX_KERNEL_SIZE, MIN_KERNEL_SIZE, SUM_COMBINE, SUPPORTED_DTYPES, TileConfig, accumulator_dtypes,
-                     empty_output, interpreter_enabled, jit_kernels, launch_mode, resolve_tile, taps_by_channel, tl,
-                     triton, triton_available, validate_inputs)
+from .launch import (MAX_KERNEL_SIZE, MIN_KERNEL_SIZE, SUM_COMBINE, SUPPORTED_DTYPES, KernelSet, TileConfig,
+                     accumulator_dtypes, depthwise_sum, empty_output, interpreter_enabled, launch_grid, sm_count,
+                     taps_by_channel, tile_indices, tl, triton, triton_available, validate_inputs)
 
-__all__ = ['depthwise_conv2d', 'launch_forward', 'launch_weight_grad', 'triton_available', 'interpreter_enabled',
-           'TileConfig', 'SUPPORTED_DTYPES', 'MIN_KERNEL_SIZE', 'MAX_KERNEL_SIZE']
+__all__ = ['depthwise_conv2d', 'launch_forward', 'launch_weight_grad', 'weight_grad_splits', 'KERNELS',
+           'triton_available', 'interpreter_enabled', 'TileConfig', 'SUPPORTED_DTYPES', 'MIN_KERNEL_SIZE',
+           'MAX_KERNEL_SIZE']
 
 _SUM = SUM_COMBINE  # read by the kernels (a global of this module)
 
@@ -41,36 +42,13 @@ def _dwconv_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, C, H, W,
     Grid: (spatial tiles, channel blocks, batch). ``w`` is the weight laid out (K*K, C) so a tap's channel block is
     contiguous. Zero padding comes from masked loads; sums accumulate in ACC_DTYPE (float32, float64 for float64).
     """
-    pid_hw = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    pid_b = tl.program_id(2).to(tl.int64)
-    tiles_w = (W + BLOCK_W - 1) // BLOCK_W
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_h = (pid_hw // tiles_w) * BLOCK_H + tl.arange(0, BLOCK_H)
-    offs_w = (pid_hw % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)
-    mask_c = offs_c < C
-    c3 = offs_c[:, None, None]
-    h3 = offs_h[None, :, None]
-    w3 = offs_w[None, None, :]
-    mask_c3 = mask_c[:, None, None]
-    x_base = x_ptr + pid_b * sxb + c3 * sxc
-    acc = tl.full((BLOCK_C, BLOCK_H, BLOCK_W), 0, ACC_DTYPE)
-    for i in range(K):
-        in_h = h3 + (i - K // 2)
-        row_mask = mask_c3 & (in_h >= 0) & (in_h < H)
-        x_row = x_base + in_h * sxh
-        for j in range(K):
-            in_w = w3 + (j - K // 2)
-            tap = i * K + j
-            if FLIP:
-                tap = K * K - 1 - tap
-            wv = tl.load(w_ptr + tap * C + c3, mask=mask_c3, other=0.0).to(ACC_DTYPE)
-            xv = tl.load(x_row + in_w * sxw, mask=row_mask & (in_w >= 0) & (in_w < W), other=0.0).to(ACC_DTYPE)
-            acc += xv * wv
+    pid_b, c3, h3, w3, mask_c3, mask = tile_indices(C, H, W, BLOCK_C, BLOCK_H, BLOCK_W)
+    acc = depthwise_sum(x_ptr + pid_b * sxb + c3 * sxc, sxh, sxw, w_ptr, C, H, W, c3, h3, w3, mask_c3, K, FLIP, False,
+                        ACC_DTYPE, BLOCK_C, BLOCK_H, BLOCK_W)
     if HAS_BIAS:
         acc += tl.load(b_ptr + c3, mask=mask_c3, other=0.0).to(ACC_DTYPE)
     y_offs = pid_b * syb + c3 * syc + h3 * syh + w3 * syw
-    tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=mask_c3 & (h3 < H) & (w3 < W))
+    tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def _dwconv_wgrad_kernel(x_ptr, dy_ptr, dw_part_ptr, db_part_ptr, B, C, H, W, SPLITS,
@@ -123,61 +101,46 @@ def _dwconv_wgrad_kernel(x_ptr, dy_ptr, dw_part_ptr, db_part_ptr, B, C, H, W, SP
                  mask=mask_c)
 
 
-class _Kernels(NamedTuple):
-    forward: object
-    weight_grad: object
-
-
-def _kernels(interpret: bool) -> _Kernels:
-    """The kernels jitted for the current mode (cached per mode)."""
-    return _Kernels(*jit_kernels(interpret, (_dwconv_fwd_kernel, _dwconv_wgrad_kernel)))
+# The kernels by role, jitted per launch mode, with the device functions the forward kernel calls.
+KERNELS = KernelSet('dwconv', 'depthwise_conv2d', helpers=(tile_indices, depthwise_sum), forward=_dwconv_fwd_kernel,
+                    weight_grad=_dwconv_wgrad_kernel)
 
 
 # --------------------------------------------------------------------------------------------------------- launchers
-def _require_launchable(x: Tensor) -> _Kernels:
-    """The kernels for ``x``'s device, or a RuntimeError saying what is missing."""
-    return _kernels(launch_mode(x, 'depthwise_conv2d'))
-
-
 def launch_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], flip: bool,
-                    tile: Optional[TileConfig] = None) -> Tensor:
+                   tile: Optional[TileConfig] = None) -> Tensor:
     """Depthwise correlation of ``x`` with ``weight`` (spatially flipped when ``flip``), plus ``bias``; ``tile``
     overrides the tile heuristic."""
-    kernels = _require_launchable(x)
-    batch, channels, height, width = x.shape
-    k = weight.shape[-1]
+    kernels = KERNELS.for_input(x)
     y = empty_output(x)
     if y.numel() == 0:
         return y
-    tile = resolve_tile(x, tile)
-    grid = (triton.cdiv(height, tile.block_h) * triton.cdiv(width, tile.block_w), triton.cdiv(channels, tile.block_c),
-            batch)
+    grid, tile = launch_grid(x, tile)
     w_taps = taps_by_channel(weight)
     kernels.forward[grid](
-        x, w_taps, w_taps if bias is None else bias.contiguous(), y, channels, height, width, *x.stride(), *y.stride(),
-        K=k, FLIP=flip, HAS_BIAS=bias is not None, ACC_DTYPE=accumulator_dtypes(x.dtype)[1], **tile.launch_kwargs())
+        x, w_taps, w_taps if bias is None else bias.contiguous(), y, x.shape[1], x.shape[2], x.shape[3], *x.stride(),
+        *y.stride(), K=weight.shape[-1], FLIP=flip, HAS_BIAS=bias is not None,
+        ACC_DTYPE=accumulator_dtypes(x.dtype)[1], **tile.launch_kwargs())
     return y
 
 
-def _weight_grad_splits(batch: int, channel_blocks: int, n_tiles: int, device: torch.device) -> int:
-    """How many programs share one (batch, channel block): enough for ~4 waves on a GPU, one on the interpreter."""
-    if device.type != 'cuda':
+def weight_grad_splits(batch: int, channel_blocks: int, n_tiles: int, sms: Optional[int]) -> int:
+    """How many programs share one (batch, channel block) of the weight gradient: enough for ~4 waves on a GPU with
+    ``sms`` SMs, one without a GPU (``sms`` None: the interpreter)."""
+    if sms is None:
         return 1
-    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(n_tiles, triton.cdiv(target, batch * channel_blocks)))
+    return max(1, min(n_tiles, triton.cdiv(4 * sms, batch * channel_blocks)))
 
 
 def launch_weight_grad(grad_y: Tensor, x: Tensor, k: int, splits: Optional[int] = None,
-                        act: bool = False, tile: Optional[TileConfig] = None) -> tuple[Tensor, Tensor]:
+                       act: bool = False, tile: Optional[TileConfig] = None) -> tuple[Tensor, Tensor]:
     """(grad_weight (C, 1, k, k), grad_bias (C,)) in x's dtype of the depthwise conv of x (GELU(x) when ``act``);
     ``splits`` (for tests) and ``tile`` (for autotuning) override the heuristics."""
-    kernels = _require_launchable(x)
+    kernels = KERNELS.for_input(x)
     batch, channels, height, width = x.shape
-    tile = resolve_tile(x, tile)
-    channel_blocks = triton.cdiv(channels, tile.block_c)
-    n_tiles = triton.cdiv(height, tile.block_h) * triton.cdiv(width, tile.block_w)
+    (n_tiles, channel_blocks, _), tile = launch_grid(x, tile)
     if splits is None:
-        splits = _weight_grad_splits(batch, channel_blocks, n_tiles, x.device)
+        splits = weight_grad_splits(batch, channel_blocks, n_tiles, sm_count(x.device))
     acc_torch, acc_triton = accumulator_dtypes(x.dtype)
     dw_part = torch.zeros(splits * batch, k * k, channels, device=x.device, dtype=acc_torch)
     db_part = torch.zeros(splits * batch, channels, device=x.device, dtype=acc_torch)
