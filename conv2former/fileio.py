@@ -25,7 +25,7 @@ import safetensors.torch
 import timm
 import torch
 import torch.nn as nn
-from timm.models._hub import save_config_for_hf
+from timm.models._hub import load_model_config_from_path, save_config_for_hf
 
 from .models import load_state_dict_file, unwrap_state_dict
 
@@ -270,6 +270,10 @@ def unwrap_module(model: nn.Module) -> nn.Module:
             return model
 
 
+# constructor keywords that belong to a run, not to the architecture a model folder rebuilds
+RUN_ONLY_KWARGS = ('pretrained', 'pretrained_cfg', 'pretrained_cfg_overlay', 'drop_rate', 'drop_path_rate')
+
+
 def write_model_folder(
         model: nn.Module,
         out_dir: str | Path,
@@ -303,6 +307,7 @@ def write_model_folder(
                 f'ema_state_dict does not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}, '
                 f'different shapes {shapes[:8]}')
 
+    model_args = {k: v for k, v in (model_args or {}).items() if k not in RUN_ONLY_KWARGS}
     with atomic_folder(out_dir) as tmp:
         model_config = dict(label_names=label_names) if label_names else None
         save_config_for_hf(model, str(tmp / CONFIG_NAME), model_config=model_config,
@@ -387,6 +392,8 @@ def load_classifier_folder(folder: Path, use_ema: bool = False, model_kwargs: di
             raise FileNotFoundError(f'use_ema: {folder} has no {EMA_WEIGHTS_NAME} (the run kept no EMA weights)')
     if weights is None or Path(weights).parent == folder:
         require_intact(folder, (CONFIG_NAME, Path(weights).name if weights is not None else WEIGHTS_NAME))
+    if 'pretrained_cfg_overlay' in (cfg.get('model_args') or {}):
+        return _load_folder_with_overlay_arg(folder, weights, model_kwargs)
     if weights is not None and Path(weights) != folder / WEIGHTS_NAME:
         # read it like any other weights file (safely, keys and shapes checked by checkpoint_filter_fn)
         overlay = dict(model_kwargs.pop('pretrained_cfg_overlay', None) or {}, source='', file=str(weights))
@@ -395,6 +402,21 @@ def load_classifier_folder(folder: Path, use_ema: bool = False, model_kwargs: di
         drop_state_dict_ref(model)
         return model
     return timm.create_model(f'local-dir:{folder}', pretrained=True, **model_kwargs)
+
+
+def _load_folder_with_overlay_arg(folder: Path, weights: Path | None, model_kwargs: dict) -> nn.Module:
+    """Folders written before model_args were filtered hold the run's ``pretrained_cfg_overlay`` keyword among them
+    (e.g. a ConvNeXt baseline trained with ``crop_pct``); timm's ``local-dir:`` loader would pass it twice. Built
+    from the same config here, the overlay folded into the pretrained cfg."""
+    pretrained_cfg, arch, model_args = load_model_config_from_path(folder)
+    pretrained_cfg = dict(pretrained_cfg, **(model_args.pop('pretrained_cfg_overlay') or {}))
+    if weights is not None:
+        pretrained_cfg.update(source='', file=str(weights))
+    model_kwargs = dict(model_kwargs)
+    pretrained_cfg.update(model_kwargs.pop('pretrained_cfg_overlay', None) or {})
+    model = timm.create_model(arch, pretrained=True, pretrained_cfg=pretrained_cfg, **{**model_args, **model_kwargs})
+    drop_state_dict_ref(model)
+    return model
 
 
 def infer_num_classes(state_dict: Mapping[str, torch.Tensor]) -> int:

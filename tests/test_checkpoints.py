@@ -136,3 +136,23 @@ def test_local_dir_round_trip(tmp_path):
     loaded = timm.create_model(f'local-dir:{tmp_path}', pretrained=True).eval()
     x = torch.randn(1, 3, 64, 64)
     torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_a_timm_baseline_folder_with_a_cfg_overlay_keyword_loads(tmp_path):
+    """The CPU ablations' ConvNeXt baseline is built with pretrained_cfg_overlay=dict(crop_pct=...) among its model
+    keywords: the folder keeps only architecture keywords, and folders written before that still load."""
+    import json
+    from conv2former.fileio import CONFIG_NAME, load_classifier_folder, write_manifest, write_model_folder
+    kwargs = dict(depths=[1, 1, 1, 1], dims=[8, 8, 16, 16], pretrained_cfg_overlay=dict(crop_pct=0.875))
+    model = timm.create_model('convnext_nano', num_classes=3, **kwargs).eval()
+    folder = write_model_folder(model, tmp_path / 'm', dict(kwargs, num_classes=3), label_names=['a', 'b', 'c'])
+    cfg = json.loads((folder / CONFIG_NAME).read_text())
+    assert 'pretrained_cfg_overlay' not in cfg['model_args'] and cfg['model_args']['dims'] == [8, 8, 16, 16]
+    x = torch.randn(2, 3, 32, 32)
+    expected = model(x)
+    assert torch.equal(load_classifier_folder(folder).eval()(x), expected)
+    cfg['model_args']['pretrained_cfg_overlay'] = dict(crop_pct=0.875)  # as written before the filter
+    (folder / CONFIG_NAME).write_text(json.dumps(cfg))
+    write_manifest(folder)  # an intact folder of that older kind
+    old = load_classifier_folder(folder).eval()
+    assert torch.equal(old(x), expected) and old.pretrained_cfg['crop_pct'] == 0.875

@@ -177,3 +177,20 @@ def test_parallel_runs_in_separate_processes(tmp_path, toy):
     assert [r['kernel_size'] for r in rows] == ['3', '5'] and all(r['final_top1'] for r in rows)
     for r in rows:
         assert (tmp_path / 'p' / r['run'] / 'log.txt').read_text().count('run folder:') == 1
+
+
+def test_rows_read_metrics_csv_when_the_json_lines_are_gone(tmp_path):
+    """Committed run records keep metrics.csv only: best top-1 and epochs come from it (the CPU ablations' seed-0
+    runs once showed an empty best column that way, and the mean silently covered 2 of 3 seeds)."""
+    import yaml
+    from conv2former.sweep.aggregate import run_row
+    run = tmp_path / 'r'
+    run.mkdir()
+    (run / 'config.yaml').write_text(yaml.safe_dump(dict(model='conv2former_n', img_size=32,
+                                                         model_kwargs=dict(depths=[1, 1, 1, 1]))))
+    (run / 'results.json').write_text(json.dumps(dict(top1=40.0, per_class_accuracy={'a': 1, 'b': 2})))
+    (run / 'metrics.csv').write_text('epoch,step,lr,train_loss,img_per_sec,val_top1\n1,4,0.1,2.0,50.0,45.5\n'
+                                     '2,8,0.01,1.5,70.0,\n3,12,0.001,1.2,60.0,40.0\n')
+    row = run_row(tmp_path, dict(name='r', variant={}, seed=0), [])
+    assert row['best_top1'] == 45.5 and row['final_top1'] == 40.0 and row['epochs'] == 3
+    assert row['train_img_per_sec'] == 60.0

@@ -31,6 +31,17 @@ def _model_size(config: dict, num_classes: int) -> tuple:
     return params, count_macs(model, size, getattr(model, 'in_chans', 3))
 
 
+def _history(run_dir: Path) -> list:
+    """Per-epoch metrics: ``metrics.jsonl``, else ``metrics.csv`` (run records kept without the JSON lines, e.g.
+    the committed ones of experiments/results) with its empty cells as None."""
+    if (run_dir / 'metrics.jsonl').is_file():
+        return read_jsonl(run_dir / 'metrics.jsonl')
+    if not (run_dir / 'metrics.csv').is_file():
+        return []
+    with open(run_dir / 'metrics.csv', newline='') as f:
+        return [{k: float(v) if v not in ('', None) else None for k, v in row.items()} for row in csv.DictReader(f)]
+
+
 def run_row(sweep_dir: Path, entry: dict, axes: list) -> dict:
     """The ``sweep.csv`` row of one run (metrics empty when it has not finished)."""
     run_dir = sweep_dir / entry['name']
@@ -41,7 +52,7 @@ def run_row(sweep_dir: Path, entry: dict, axes: list) -> dict:
     if not (results.is_file() and config.is_file()):
         return row
     cfg = yaml.safe_load(config.read_text())
-    history = read_jsonl(run_dir / 'metrics.jsonl') if (run_dir / 'metrics.jsonl').is_file() else []
+    history = _history(run_dir)
     tops = [r['val_top1'] for r in history if r.get('val_top1') is not None]
     rates = [r['img_per_sec'] for r in history if r.get('img_per_sec')]
     res = json.loads(results.read_text())
