@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..engine.options import add_arguments
+from ..slurm import add_slurm_arguments
 from .grid import SWEEP_KEYS, build_sweep, load_sweep_config, parse_grid
 
 
@@ -45,11 +46,15 @@ def _print_summary(result: dict) -> None:
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from .aggregate import aggregate
+    from ..slurm import pop_request, print_submitted_sweep, submit_sweep
     from .runner import run_sweep
     if args.report is not None:
         _print_summary(aggregate(args.report))
         return 0
+    request = pop_request(args)
     sweep, sweep_dir = _sweep_from_args(args)
+    if request is not None:
+        return print_submitted_sweep(submit_sweep(sweep, sweep_dir, request), sweep_dir)
     _print_summary(run_sweep(sweep, sweep_dir, progress=sweep.options.get('progress', True)))
     return 0
 
@@ -69,4 +74,5 @@ def add_parsers(sub) -> None:
     p.add_argument('--parallel', type=int, help='runs at once, each in its own process (default 1)')
     p.add_argument('--report', type=Path, metavar='DIR', help='only re-aggregate the sweep folder DIR')
     add_arguments(p, ClassificationOptions)
+    add_slurm_arguments(p, sweep=True)
     p.set_defaults(func=_cmd_sweep)

@@ -17,6 +17,7 @@ import timm
 import yaml
 from tqdm import tqdm
 
+from ..engine.distributed import launched_as_main
 from ..engine.options import RESUME_SAFE, as_dict
 from ..engine.state import list_checkpoints
 from ..fileio import atomic_write_text
@@ -110,8 +111,9 @@ def _check_same_settings(run_dir: Path, saved: dict, planned: dict) -> None:
                          f'folder holds one set of settings; choose another --experiment for a different sweep')
 
 
-def _train_one(task: str, options: dict, run_dir: str, state: str) -> dict:
-    """Train (or resume) one run; records the wall seconds of this invocation in ``sweep_run.json``."""
+def train_one(task: str, options: dict, run_dir: str, state: str, record: bool = True) -> dict:
+    """Train (or resume) one run; with ``record``, adds the wall seconds of this invocation to ``sweep_run.json``
+    (on rank 0: a submitted job may be several DDP ranks)."""
     from ..api import train
     start = time.perf_counter()
     root = logging.getLogger('conv2former')
@@ -126,12 +128,15 @@ def _train_one(task: str, options: dict, run_dir: str, state: str) -> dict:
         for handler in [h for h in root.handlers if h not in handlers]:
             root.removeHandler(handler)
             handler.close()
+    plain = {k: v for k, v in result.items() if isinstance(v, (int, float, str)) or v is None}
+    if not record or not launched_as_main():
+        return plain
     record_file = Path(run_dir) / RUN_FILE
     record = json.loads(record_file.read_text()) if record_file.is_file() else dict(wall_seconds=0.0, invocations=0)
     record['wall_seconds'] += time.perf_counter() - start
     record['invocations'] += 1
     atomic_write_text(record_file, json.dumps(record, indent=2) + '\n')
-    return {k: v for k, v in result.items() if isinstance(v, (int, float, str)) or v is None}
+    return plain
 
 
 def write_sweep_file(sweep: Sweep, runs: list[PlannedRun], sweep_dir: Path) -> None:
@@ -148,6 +153,22 @@ def as_plain(values: dict) -> dict:
 def run_sweep(sweep: Sweep, sweep_dir: Path, progress: bool = True) -> Optional[dict]:
     """Validate, run what is not finished, aggregate. Returns the aggregate's summary."""
     from .aggregate import aggregate
+    todo, runs, states = plan_sweep(sweep, sweep_dir)
+    bar = tqdm(total=len(runs), initial=len(runs) - len(todo), unit='run', desc='sweep', disable=not progress)
+    if sweep.parallel > 1 and len(todo) > 1:
+        _run_parallel(sweep, todo, states, bar)
+    else:
+        for run in todo:
+            bar.set_postfix_str(run.name)
+            train_one(sweep.task, run.options, str(run.run_dir()), states[run.name])
+            bar.update(1)
+    bar.close()
+    return aggregate(sweep_dir)
+
+
+def plan_sweep(sweep: Sweep, sweep_dir: Path) -> tuple[list[PlannedRun], list[PlannedRun], dict]:
+    """(runs still to do, all runs, each run's state 'done' / 'resume' / 'new') after validating every run and
+    writing ``sweep.json``: what the local runner and a SLURM job array both start from."""
     sweep_dir = Path(sweep_dir)
     runs = plan_runs(sweep, sweep_dir)
     resolved = validate_runs(runs, sweep.task)
@@ -158,23 +179,24 @@ def run_sweep(sweep: Sweep, sweep_dir: Path, progress: bool = True) -> Optional[
     _logger.info('sweep %s: %d runs (%d variants x %d seeds), %d finished, %d to resume, %d new', sweep_dir, len(runs),
                  len(runs) // len(sweep.seeds), len(sweep.seeds), len(runs) - len(todo),
                  sum(states[r.name] == 'resume' for r in todo), sum(states[r.name] == 'new' for r in todo))
-    bar = tqdm(total=len(runs), initial=len(runs) - len(todo), unit='run', desc='sweep', disable=not progress)
-    if sweep.parallel > 1 and len(todo) > 1:
-        _run_parallel(sweep, todo, states, bar)
-    else:
-        for run in todo:
-            bar.set_postfix_str(run.name)
-            _train_one(sweep.task, run.options, str(run.run_dir()), states[run.name])
-            bar.update(1)
-    bar.close()
-    return aggregate(sweep_dir)
+    return todo, runs, states
+
+
+def finish_if_complete(sweep_dir: Path) -> Optional[dict]:
+    """Aggregate the sweep when every run listed in its ``sweep.json`` has finished (the last job of a SLURM array
+    to finish does it; several doing it at once write the same files atomically); None while runs are missing."""
+    from .aggregate import aggregate
+    planned = json.loads((Path(sweep_dir) / SWEEP_FILE).read_text())['runs']
+    if all((Path(sweep_dir) / r['name'] / 'results.json').is_file() for r in planned):
+        return aggregate(sweep_dir)
+    return None
 
 
 def _run_parallel(sweep: Sweep, todo: list[PlannedRun], states: dict, bar) -> None:
     """``sweep.parallel`` runs at once, each in its own (spawned) process, without per-run progress bars."""
     context = multiprocessing.get_context('spawn')
     with concurrent.futures.ProcessPoolExecutor(sweep.parallel, mp_context=context) as pool:
-        futures = {pool.submit(_train_one, sweep.task, dict(r.options, progress=False), str(r.run_dir()),
+        futures = {pool.submit(train_one, sweep.task, dict(r.options, progress=False), str(r.run_dir()),
                                states[r.name]): r for r in todo}
         for future in concurrent.futures.as_completed(futures):
             future.result()

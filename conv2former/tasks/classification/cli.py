@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ...engine.distributed import launched_as_main
 from ...engine.options import add_arguments, add_keywords_argument, keywords, positive_int
+from ...slurm import add_slurm_arguments
 from .task import ClassificationOptions
 
 
@@ -19,6 +20,10 @@ def _explicit(args: argparse.Namespace) -> dict:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from ...api import train
+    from ...slurm import pop_request, print_submitted, submit_run
+    request = pop_request(args)
+    if request is not None:
+        return print_submitted(submit_run('classification', _explicit(args), request))
     final = train('classification', **_explicit(args))
     if final.get('val_top1') is not None and launched_as_main():
         print(f'final: top-1 {final["val_top1"]:.2f}%  top-5 {final["val_top5"]:.2f}%  '
@@ -44,6 +49,7 @@ def _validation_dataset(args: argparse.Namespace, data_config: dict, class_names
     from timm.data import create_transform
     from ...data import find_split, resolve_data_dir
     from ...engine.record import from_record, refuse_train_overlap, run_record
+    from ...shards import is_shard_source
     from .data import ImageFolderDataset, build_timm_datasets, is_timm_source
     run_dir, record = run_record(args.checkpoint)
     data = from_record(args.data, record, 'data', run_dir)
@@ -53,8 +59,16 @@ def _validation_dataset(args: argparse.Namespace, data_config: dict, class_names
             raise ValueError(f'{data} classes {dataset.class_names} differ from the model\'s {class_names}')
         dataset.transform = create_transform(**data_config)
         return dataset, f'{data} (validation)'
+    if is_shard_source(data):
+        from ...shards import shard_split_dataset, train_overlap
+        dataset = shard_split_dataset(data, args.split, transform=create_transform(**data_config),
+                                      class_names=class_names, strict=args.strict, mark_unreadable=True)
+        if run_dir is not None:
+            refuse_train_overlap(train_overlap(dataset, record.get('data')), f'--split {args.split} of {data} holds '
+                                 f'training shards of {run_dir}', args.allow_train_overlap)
+        return dataset, str(dataset.root)
     split_dir = find_split(resolve_data_dir(data), args.split)
-    if run_dir is not None and not is_timm_source(record.get('data')):
+    if run_dir is not None and not is_timm_source(record.get('data')) and not is_shard_source(record.get('data')):
         train_dir = find_split(resolve_data_dir(record.get('data')), 'train')
         overlap = len(_images_below(split_dir)) if split_dir.resolve() == train_dir.resolve() else 0
         refuse_train_overlap(overlap, f'--split {args.split} is {split_dir}, the training split of {run_dir}',
@@ -115,8 +129,14 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from .inference import format_predictions, predict
+    images = list(args.images)
+    if args.data:  # every image of a split of --data (shards or an ImageFolder), after the files given
+        from ...shards import split_images
+        images += split_images(args.data, args.split)
+    if not images:
+        raise ValueError('predict needs image files, or --data DATA (with --split) to classify a split of a dataset')
     model, class_names, data_config = _load(args, args.device or 'cpu')
-    results = predict(model, args.images, data_config, class_names=class_names, topk=args.topk,
+    results = predict(model, images, data_config, class_names=class_names, topk=args.topk,
                       batch_size=args.batch_size, device=args.device or 'cpu', skip_unreadable=True)
     print(json.dumps(results, indent=2) if args.json else format_predictions(results))
     failed = [r for r in results if 'error' in r]
@@ -201,6 +221,7 @@ def add_parsers(sub) -> None:
     p = sub.add_parser('train', help='train or fine-tune a classifier (torchrun for several processes)',
                        description='Precedence, lowest first: defaults < --recipe < --config YAML < flags given.')
     add_arguments(p, ClassificationOptions)
+    add_slurm_arguments(p)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser('validate', help='top-1/top-5, per-class accuracy and confusion matrix on a split')
@@ -224,7 +245,10 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser('predict', help='top-k labels for images')
-    p.add_argument('images', nargs='+')
+    p.add_argument('images', nargs='*')
+    p.add_argument('--data', help='also classify every image of --split of this dataset (WebDataset shards, an '
+                                  'ImageFolder tree or archive)')
+    p.add_argument('--split', default='val', help="split of --data (synonyms accepted; default 'val')")
     _add_checkpoint_args(p)
     _add_preprocessing_args(p)
     p.add_argument('--topk', type=int, default=5)
