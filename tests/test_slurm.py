@@ -154,3 +154,11 @@ def test_a_submitted_sweep_writes_its_aggregate_when_the_last_job_ends(tmp_path,
     assert [r['kernel_size'] for r in rows] == ['3', '5'] and all(r['final_top1'] for r in rows)
     assert main([*argv, '--slurm', 'local']) == 0  # everything finished: nothing submitted again
     assert 'nothing submitted' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('command', [['detect', 'train'], ['segment', 'train']])
+def test_dense_training_takes_the_same_cluster_flags(tmp_path, capsys, command):
+    rc = main([*command, '--output', str(tmp_path), '--slurm', 'local', '--nodes', '3'])
+    assert rc == 2 and '--slurm local runs on this one machine: --nodes 3' in capsys.readouterr().err
+    rc = main([*command, '--output', str(tmp_path), '--qos', 'high'])
+    assert rc == 2 and '--qos only applies to a submitted job' in capsys.readouterr().err

@@ -30,6 +30,7 @@ from ..engine.runtime import AMP_DTYPES
 from ..fileio import WEIGHTS_NAME, atomic_write_text, infer_num_classes, read_task_folder, write_task_folder
 from ..models import load_state_dict_file, unwrap_state_dict
 from ..models.keywords import check_model_kwargs
+from ..slurm import add_slurm_arguments
 
 __all__ = ['DenseOptions', 'DenseTask', 'layer_decay_param_groups', 'load_task_model']
 
@@ -313,6 +314,7 @@ def add_task_parsers(sub, command: str, task: str, title: str, options_cls, add_
     p = actions.add_parser('train', help='train or fine-tune (torchrun for several processes)',
                            description='Precedence, lowest first: defaults < --recipe < --config YAML < flags given.')
     add_arguments(p, options_cls)
+    add_slurm_arguments(p)
     p.set_defaults(func=lambda args: cmd_train(task, args))
     _add_eval_predict_parsers(actions, task, add_task_args)
 
@@ -347,8 +349,13 @@ def cmd_train(task: str, args: argparse.Namespace) -> int:
     """``detect train`` / ``segment train`` through the Python API."""
     from ..api import train
     from . import get_task
+    from ..slurm import pop_request, print_submitted, submit_run
     task_cls = get_task(task)[0]
-    final = train(task, **{k: v for k, v in vars(args).items() if k not in ('func', 'command', 'action')})
+    request = pop_request(args)
+    options = {k: v for k, v in vars(args).items() if k not in ('func', 'command', 'action')}
+    if request is not None:
+        return print_submitted(submit_run(task, options, request))
+    final = train(task, **options)
     metric, shown_keys = task_cls.best_metric, set(task_cls.curves.values())
     shown = ', '.join(f'{k} {v:.2f}' for k, v in final.items() if isinstance(v, float) and k in shown_keys)
     best = final.get(f'best_{metric}')
