@@ -14,8 +14,9 @@ def _sweep_from_args(args: argparse.Namespace):
     """The ``Sweep`` and its folder: the sweep YAML (``--config``) < flags; ``--grid`` adds to or replaces the
     YAML's axes by key."""
     from ..tasks import get_task
+    from ..slurm import FLAGS as CLUSTER_FLAGS  # where the runs go, not how they train
     explicit = {k: v for k, v in vars(args).items()
-                if k not in ('func', 'command', 'grid', 'seeds', 'parallel', 'report', 'config')}
+                if k not in ('func', 'command', 'grid', 'seeds', 'parallel', 'report', 'config', *CLUSTER_FLAGS)}
     for key, hint in (('seed', 'use --seeds'), ('resume', 're-invoke the same sweep command to resume it')):
         if key in explicit:
             raise ValueError(f'conv2former sweep sets --{key} per run; {hint}')
