@@ -7,10 +7,14 @@ tensor, ...) so a change of machine load hits both; the ratio of the medians is 
 RandomResizedCrop + flip on the same batches (with ``--paper-augment``: RandAugment alone, kornia's vs ours; when kornia
 is installed), and a few training steps of a small Conv2Former fed by each path.
 
-    PYTHONPATH=. python benchmarks/bench_data_path.py --data /work/shared/datasets/imagenette2-128.tar.gz \\
+    python -m benchmarks.bench_data_path --data /work/shared/datasets/imagenette2-128.tar.gz \\
         --out experiments/results/data-path
 """
 from __future__ import annotations
+
+if __name__ == '__main__' and not __package__:  # run as a file: python benchmarks/bench_data_path.py
+    import as_script
+    as_script.run(__file__)
 
 import argparse
 import itertools

@@ -6,9 +6,13 @@ run, median of the runs), checks the Triton results against an fp32 F.conv2d ref
 multiply-adds/s and the ratio to the roofline time max(bytes / 3.0e12, MACs / 33.5e12) (H100 SXM: HBM3 bandwidth
 and fp32 FMA rate). Writes JSON and markdown to --out.
 
-    python benchmarks/bench_dwconv.py [--out DIR] [--batch 128] [--dtype bf16]
-    python benchmarks/bench_dwconv.py --smoke   # one tiny shape on CPU under the Triton interpreter (tests the script)
+    python -m benchmarks.bench_dwconv [--out DIR] [--batch 128] [--dtype bf16]
+    python -m benchmarks.bench_dwconv --smoke   # one tiny shape on CPU under the Triton interpreter (tests the script)
 """
+if __name__ == '__main__' and not __package__:  # run as a file: python benchmarks/bench_dwconv.py
+    import as_script
+    as_script.run(__file__)
+
 import argparse
 import datetime
 import functools
@@ -25,8 +29,6 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing the package
-
 STAGE_SHAPES = ((72, 56, 56), (144, 28, 28), (288, 14, 14), (576, 7, 7))  # Conv2Former-T (C, H, W) per stage
 KERNEL_SIZES = (3, 5, 7, 11, 13, 21, 31)
 SMOKE_SHAPE, SMOKE_BATCH, SMOKE_KERNEL = (4, 5, 5), 2, 3
@@ -36,12 +38,13 @@ DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}
 IMPLS = (('triton', 'NHWC'), ('triton', 'NCHW'), ('F.conv2d', 'NHWC'), ('F.conv2d', 'NCHW'))
 MODES = ('fwd', 'fwd+bwd')
 L2_FLUSH_BYTES = 256 * 2 ** 20
+RESULTS = Path(__file__).resolve().parent / 'results'
 REL_ERR_LIMIT = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-4}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--out', type=Path, default=Path(__file__).resolve().parent / 'results',
+    parser.add_argument('--out', type=Path, default=RESULTS,
                         help='folder for the JSON and markdown results (default: benchmarks/results)')
     parser.add_argument('--batch', type=int, default=128)
     parser.add_argument('--dtype', choices=sorted(DTYPES), default='bf16')
@@ -131,14 +134,24 @@ def check(op: Callable, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return check_against(op, conv_torch, (x, weight, bias), ('out', 'grad_x', 'grad_weight', 'grad_bias'), ref_dtype)
 
 
-def timed_fns(op: Callable, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+def conv_inputs(batch: int, channels: int, height: int, width: int, k: int, dtype: torch.dtype,
+                device: torch.device, layout: str = 'NCHW') -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random (x in ``layout``: 'NCHW' or channels_last, weight / k, bias) of one depthwise conv case."""
+    x = torch.randn(batch, channels, height, width, device=device, dtype=dtype)
+    x = x.contiguous() if layout == 'NCHW' else x.to(memory_format=torch.channels_last)
+    weight = torch.randn(channels, 1, k, k, device=device, dtype=dtype) / k
+    return x, weight, torch.randn(channels, device=device, dtype=dtype)
+
+
+def timed_fns(op: Callable, inputs: tuple[torch.Tensor, ...],
               grad_out: torch.Tensor) -> dict[str, Callable[[], object]]:
-    """The two timed callables: forward without autograd, and forward+backward into fresh gradients."""
-    leaves = [t.detach().requires_grad_() for t in (x, weight, bias)]
+    """The two timed callables of ``op(*inputs)``: forward without autograd, and forward+backward into fresh
+    gradients of every input."""
+    leaves = [t.detach().requires_grad_() for t in inputs]
 
     def forward():
         with torch.no_grad():
-            return op(x, weight, bias)
+            return op(*inputs)
 
     def forward_backward():
         for leaf in leaves:
@@ -167,9 +180,7 @@ def run(args: argparse.Namespace) -> dict:
     rows, failures = [], []
     for channels, height, width in shapes:
         for k in kernels:
-            weight = torch.randn(channels, 1, k, k, device=device, dtype=dtype) / k
-            bias = torch.randn(channels, device=device, dtype=dtype)
-            x_nchw = torch.randn(batch, channels, height, width, device=device, dtype=dtype)
+            x_nchw, weight, bias = conv_inputs(batch, channels, height, width, k, dtype, device)
             inputs = {'NCHW': x_nchw, 'NHWC': x_nchw.to(memory_format=torch.channels_last)}
             max_err = {}
             for layout, x in inputs.items():
@@ -178,7 +189,7 @@ def run(args: argparse.Namespace) -> dict:
                 if max_err[layout] > REL_ERR_LIMIT[dtype]:
                     failures.append(dict(shape=(channels, height, width), k=k, layout=layout, rel_err=errs))
             for impl, layout in IMPLS:
-                fns = timed_fns(ops[impl], inputs[layout], weight, bias, torch.randn_like(inputs[layout]))
+                fns = timed_fns(ops[impl], (inputs[layout], weight, bias), torch.randn_like(inputs[layout]))
                 for mode in MODES:
                     ms = timer(fns[mode])
                     n_bytes, macs = traffic(batch, channels, height, width, k, elt, mode)

@@ -18,11 +18,15 @@ Conv2Former is measured with its default (lean) backward and, when the code has 
 lean backward existed), so one run gives the before/after comparison. Writes ``memory-<device>.json`` and ``.md``
 to --out.
 
-    python benchmarks/bench_memory.py                       # all pairs on CPU, results in benchmarks/results/cpu
-    python benchmarks/bench_memory.py --pairs n,t --steps 3
-    python benchmarks/bench_memory.py --device cuda --batch 32 --out benchmarks/results/cuda
+    python -m benchmarks.bench_memory                       # all pairs on CPU, results in benchmarks/results/cpu
+    python -m benchmarks.bench_memory --pairs n,t --steps 3
+    python -m benchmarks.bench_memory --device cuda --batch 32 --out benchmarks/results/cuda
 """
 from __future__ import annotations
+
+if __name__ == '__main__' and not __package__:  # run as a file: python benchmarks/bench_memory.py
+    import as_script
+    as_script.run(__file__)
 
 import argparse
 import datetime
@@ -40,10 +44,9 @@ import timm
 import torch
 import torch.nn as nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing the package
+import conv2former  # noqa: F401  (registers the models)
 
-import conv2former  # noqa: E402,F401  (registers the models)
+ROOT = Path(__file__).resolve().parents[1]
 
 PAIRS = {'n': ('conv2former_n', 'convnext_nano'), 't': ('conv2former_t', 'convnext_tiny'),
          's': ('conv2former_s', 'convnext_small'), 'b': ('conv2former_b', 'convnext_base')}
@@ -134,9 +137,9 @@ def rss_child(name: str, batch: int, size: int, plain: bool) -> dict:
 
 
 def rss_mib_per_image(name: str, batch: int, size: int, plain: bool, threads: int | None) -> float:
-    cmd = [sys.executable, str(Path(__file__).resolve()), '--rss-child', name, '--rss-batch', str(batch),
+    cmd = [sys.executable, '-m', 'benchmarks.bench_memory', '--rss-child', name, '--rss-batch', str(batch),
            '--img-size', str(size)] + (['--plain'] if plain else []) + (['--threads', str(threads)] if threads else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f'RSS measurement of {name} failed:\n{proc.stderr}')
     return json.loads(proc.stdout.strip().splitlines()[-1])['rss_mib_per_image']
@@ -205,8 +208,7 @@ def environment(device: torch.device) -> dict:
         threads=torch.get_num_threads(),
         torch=torch.__version__, timm=timm.__version__, python=platform.python_version(),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-        command=shlex.join(['python', str(Path(sys.argv[0]).resolve().relative_to(ROOT))
-                            if Path(sys.argv[0]).resolve().is_relative_to(ROOT) else sys.argv[0]] + sys.argv[1:]))
+        command=shlex.join(['python', '-m', 'benchmarks.bench_memory'] + sys.argv[1:]))
 
 
 def markdown(report: dict) -> str:

@@ -8,10 +8,14 @@ the ConvNeXt peer. Throughput is the median over timed windows after untimed war
 logits of each kernel variant are checked against kernels='torch' on the same weights. Writes JSON and markdown to
 --out (rewritten after every model, so a run cut short keeps what it measured).
 
-    python benchmarks/bench_model.py [--out DIR] [--pairs t,n,b] [--modes infer,compile,train] [--iters 10]
-    python benchmarks/bench_model.py --smoke   # a shrunk pair n on CPU (Triton interpreter): tests the script
+    python -m benchmarks.bench_model [--out DIR] [--pairs t,n,b] [--modes infer,compile,train] [--iters 10]
+    python -m benchmarks.bench_model --smoke   # a shrunk pair n on CPU (Triton interpreter): tests the script
 """
 from __future__ import annotations
+
+if __name__ == '__main__' and not __package__:  # run as a file: python benchmarks/bench_model.py
+    import as_script
+    as_script.run(__file__)
 
 import argparse
 import statistics
@@ -24,12 +28,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing the package
-
-from common import (CHECK_BATCH, SMOKE_MODELS, SMOKE_OURS, attempt, begin, bf16, build,  # noqa: E402
-                    check_agreement, csv, environment, fmt, footer, free_memory, fused_variant, images,
-                    kernel_variants, log, output_stem, peak_memory_gib, record_agreement, reset_peak_memory,
-                    synchronize, timed_windows, write_report)
+from .common import (CHECK_BATCH, SMOKE_MODELS, SMOKE_OURS, attempt, begin, bf16, build, check_agreement, csv,
+                     environment, finish, fmt, footer, free_memory, fused_variant, images, kernel_variants, log,
+                     output_stem, peak_memory_gib, record_agreement, reset_peak_memory, synchronize, timed_windows,
+                     write_report)
 
 PAIRS = {'t': ('conv2former_t', 'convnext_tiny'), 'n': ('conv2former_n', 'convnext_nano'),
          'b': ('conv2former_b', 'convnext_base')}
@@ -209,11 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     errors = [f"{row['model']} {row['variant']} {key}: {value}" for row in report['rows']
               for key, value in row.items() if isinstance(value, str) and value.startswith('error:')]
     report['failures'] += errors
-    report['complete'] = True
-    save()
-    print(markdown(report))
-    print(f'wrote {stem}.json and .md')
-    return 1 if report['failures'] else 0
+    return finish(report, save, markdown, f'{stem}.json and .md')
 
 
 if __name__ == '__main__':

@@ -9,10 +9,14 @@ offers (kernels='torch', 'triton', 'fused'), each first checked against kernels=
 of memory is recorded as 'OOM' and the run goes on. Writes JSON, markdown (ms and GiB with the ratio to ConvNeXt-T)
 and a PNG plot (time and memory vs pixels, log-log) to --out, rewritten after every model.
 
-    python benchmarks/bench_resolution.py [--out DIR] [--sizes 224,448,896,1344,1792] [--batch 8] [--iters 10]
-    python benchmarks/bench_resolution.py --smoke   # shrunk models, 32 and 64 px, batch 1, on CPU: tests the script
+    python -m benchmarks.bench_resolution [--out DIR] [--sizes 224,448,896,1344,1792] [--batch 8] [--iters 10]
+    python -m benchmarks.bench_resolution --smoke   # shrunk models, 32 and 64 px, batch 1, on CPU: tests the script
 """
 from __future__ import annotations
+
+if __name__ == '__main__' and not __package__:  # run as a file: python benchmarks/bench_resolution.py
+    import as_script
+    as_script.run(__file__)
 
 import argparse
 import math
@@ -23,13 +27,12 @@ from typing import Callable, NamedTuple
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent), str(HERE)]  # conv2former from this checkout; common.py also when imported
+from .common import (CHECK_BATCH, SMOKE_MODELS, SMOKE_OURS, attempt, begin, bf16, build, check_agreement, csv,
+                     environment, finish, fmt, footer, free_memory, fused_variant, images, kernel_variants, log,
+                     output_stem, peak_memory_gib, record_agreement, reset_peak_memory, synchronize, timed_windows,
+                     write_report)
 
-from common import (CHECK_BATCH, SMOKE_MODELS, SMOKE_OURS, attempt, begin, bf16, build,  # noqa: E402
-                    check_agreement, csv, environment, fmt, footer, free_memory, fused_variant, images,
-                    kernel_variants, log, output_stem, peak_memory_gib, record_agreement, reset_peak_memory,
-                    synchronize, timed_windows, write_report)
+HERE = Path(__file__).resolve().parent
 
 __all__ = ['MODELS', 'parse_args', 'scaling_exponent', 'add_ratios', 'markdown', 'plot', 'main']
 
@@ -263,11 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     run(args, device, report, save)
     report['failures'] += [f"{row['label']} {size} px: {cell['ms']}" for row in report['rows']
                            for size, cell in row['cells'].items() if str(cell['ms']).startswith('error:')]
-    report['complete'] = True
-    save()
-    print(markdown(report))
-    print(f'wrote {stem}.json, .md and .png')
-    return 1 if report['failures'] else 0
+    return finish(report, save, markdown, f'{stem}.json, .md and .png')
 
 
 if __name__ == '__main__':

@@ -29,7 +29,7 @@ import torch.nn as nn
 __all__ = ['CHECK_BATCH', 'BF16_NOISE_FACTOR', 'SMOKE_MODELS', 'SMOKE_OURS', 'csv', 'select_device', 'fused_variant',
            'kernel_variants', 'build', 'images', 'bf16', 'synchronize', 'free_memory', 'reset_peak_memory',
            'peak_memory_gib', 'timed_windows', 'attempt', 'randomize_for_check', 'check_agreement',
-           'record_agreement', 'log', 'fmt', 'environment', 'output_stem', 'write_report', 'begin', 'footer']
+           'record_agreement', 'log', 'fmt', 'environment', 'output_stem', 'write_report', 'begin', 'footer', 'finish']
 
 CHECK_BATCH = 8
 BF16_NOISE_FACTOR = 4  # a variant may differ from kernels='torch' by this many times torch's own bf16 error
@@ -83,6 +83,16 @@ def footer(report: dict) -> list[str]:
     if not report['complete']:
         lines += ['', '**Incomplete: the run stopped before the end.**']
     return lines
+
+
+def finish(report: dict, save: Callable[[], None], markdown: Callable[[dict], str], written: str) -> int:
+    """End of a benchmark's main: the report marked complete and saved, its table printed, ``wrote <written>``;
+    the exit status, 1 when the report lists failures."""
+    report['complete'] = True
+    save()
+    print(markdown(report))
+    print(f'wrote {written}')
+    return 1 if report['failures'] else 0
 
 
 def fused_variant() -> tuple[dict | None, str]:

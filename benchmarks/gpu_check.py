@@ -17,117 +17,57 @@ Sections, each with a time budget (unused time passes on; whatever does not fit 
    Conv2Former-T/N per kernel path vs convnext_tiny/nano, eager; 4. then torch.compile inference in priority order.
 5. rule: per (k, layout, shape) Triton or cuDNN by "never slower than cuDNN" (fwd and fwd+bwd), condensed per k and
    layout, with the winning tiles.
+6. AOT: the registers, spills, shared memory and occupancy on sm_90 of every launch it times (``gpu_aot``: read from
+   the committed benchmarks/results/aot/aot.json, the rest compiled in the background on the CPUs), in the kernel
+   table and a section of their own, so achieved bandwidth can be read against them.
 Anything that fails a correctness check is not timed. Exit status 1 when a check failed, 0 otherwise.
 
-    python benchmarks/gpu_check.py [--out DIR] [--budget 450] [--sections correctness,kernels,models,compile]
-    python benchmarks/gpu_check.py --smoke --out DIR   # toy sizes on CPU under TRITON_INTERPRET=1 (tests the script)
+    python -m benchmarks.gpu_check [--out DIR] [--budget 450] [--sections correctness,kernels,models,compile]
+    python -m benchmarks.gpu_check --smoke --out DIR   # toy sizes on CPU under TRITON_INTERPRET=1 (tests the script)
+
+Parts: ``budget`` (the time budget), ``correctness`` (the checks), ``gpu_aot`` (the AOT numbers), ``gpu_report``
+(rule and summary.md); the timing is bench_dwconv's and bench_model's.
 """
 from __future__ import annotations
 
+if __name__ == '__main__' and not __package__:  # run as a file: python benchmarks/gpu_check.py
+    import as_script
+    as_script.run(__file__)
+
 import argparse
-import contextlib
-import math
-import signal
 import sys
-import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
-import torch.nn.functional as F
+
+from .bench_dwconv import L2_FLUSH_BYTES, conv_torch, time_cuda, time_host, timed_fns
+from .bench_model import measure_compile, measure_infer, measure_train
+from .budget import Budget, Overrun, overrun_in
+from .common import (SMOKE_MODELS, SMOKE_OURS, begin, build, csv, environment, finish, free_memory, log,
+                     peak_memory_gib, reset_peak_memory, write_report)
+from .correctness import REL_ERR_LIMIT, check_case, check_model, check_tile, conv_inputs, modulation_torch
+from .gpu_aot import AotNumbers, configs
+from .gpu_cases import (KERNEL_SIZES, ODD_SHAPES, OWN_K, STAGES, candidates, case_key, fused_cases, kernel_cases,
+                        roofline, tile_label)
+from .gpu_report import SECTIONS, add_model_ratios, auto_rule, markdown
+
+__all__ = ['Budget', 'Overrun', 'overrun_in', 'parse_args', 'kernel_cases', 'case_key', 'candidates', 'check_case',
+           'check_tile', 'auto_rule', 'GpuCheck', 'main']
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent), str(HERE)]  # conv2former from this checkout; the sibling benchmark modules
-
-from bench_dwconv import L2_FLUSH_BYTES, check, check_against, conv_torch, rel_err, time_cuda, time_host  # noqa: E402
-from bench_dwconv import timed_fns, traffic  # noqa: E402
-from bench_model import measure_compile, measure_infer, measure_train  # noqa: E402
-from common import (SMOKE_MODELS, SMOKE_OURS, begin, bf16, build, csv, environment, footer,  # noqa: E402
-                    free_memory, images, log, peak_memory_gib, randomize_for_check, reset_peak_memory, write_report)
-
-SECTIONS = ('correctness', 'kernels', 'models', 'compile')
 SHARES = dict(correctness=95, kernels=135, models=115, compile=105)  # seconds of the default --budget 450
-STAGES = {'N': ((64, 56, 56), (128, 28, 28), (256, 14, 14), (512, 7, 7)),
-          'T': ((72, 56, 56), (144, 28, 28), (288, 14, 14), (576, 7, 7))}
-ODD_SHAPES = ((72, 57, 55), (33, 13, 9))  # odd H and W; C not a multiple of the channel block, H, W < 21
-KERNEL_SIZES = (11, 7, 21)  # in priority order
-OWN_K = {'N': 7, 'T': 11}
-DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16}
-LAYOUTS = ('channels_last', 'NCHW')
-REL_ERR_LIMIT = {'fp32': 1e-5, 'bf16': 1e-2}  # norm-wise, against a float64 reference
-MODEL_NOISE_FACTOR = 4  # a kernel path may differ from kernels='torch' by this many times torch's own rounding error
-MODEL_FLOOR = {'fp32': 1e-5, 'bf16': 1e-3}
+DTYPES = ('fp32', 'bf16')
 PEAKS = {'H200': (4.8e12, 33.5e12), 'H100': (3.35e12, 33.5e12)}  # HBM B/s, fp32 FMA/s (depthwise: CUDA cores)
 DEFAULT_PEAKS = PEAKS['H100']
-# Tile candidates (BLOCK_C, BLOCK_H, BLOCK_W, num_warps) per layout besides the heuristic's; clamped to the shape.
-TILES = {'channels_last': ((64, 4, 4, 4), (32, 8, 8, 8), (16, 4, 16, 4)),
-         'NCHW': ((2, 16, 32, 4), (4, 8, 64, 8), (8, 4, 32, 4))}
 MODEL_PAIRS = (('T', 'conv2former_t', 'convnext_tiny'), ('N', 'conv2former_n', 'convnext_nano'))
 PATHS = ('triton', 'fused', 'torch')  # eager order; 'peer' = the ConvNeXt
 COMPILE_ORDER = ('fused', 'peer', 'triton', 'torch')
 COMPILE_MIN_S = 40  # do not start a compile with less time than this left
+AOT_WAIT_S = {False: 20.0, True: 300.0}  # at most this long a wait for the AOT numbers at the end (GPU run, smoke)
 SMOKE = dict(stages={'N': ((8, 6, 6),), 'T': ((8, 6, 6),)}, odd=((5, 7, 3),), kernels=(3,), own_k={'N': 3, 'T': 3},
              pairs=('T',), tune_cases=1, tiles=1, compiled=2, check_batch=1, check_size=32, batch=2, infer_batch=2, train_batch=2,
              img_size=32, warmup=1, iters=1, windows=1, budget=600.0)
-
-
-class Overrun(Exception):
-    """A budgeted step ran past its time."""
-
-
-class Budget:
-    """Cumulative deadlines: section i must end by start + the sum of the first i shares (scaled to ``total``), so
-    a section that finishes early leaves its time to the next. ``run`` interrupts a step at the deadline (SIGALRM)."""
-
-    def __init__(self, total: float, shares: dict[str, float]):
-        self.start, self.total = time.monotonic(), total
-        scale, elapsed = total / sum(shares.values()), 0.0
-        self.deadlines = {}
-        for name, share in shares.items():
-            elapsed += share * scale
-            self.deadlines[name] = self.start + elapsed
-        self.deadline = self.start + total
-        self.used: dict[str, float] = {}
-
-    def left(self) -> float:
-        return self.deadline - time.monotonic()
-
-    @contextlib.contextmanager
-    def section(self, name: str) -> Iterator[None]:
-        begin, self.deadline = time.monotonic(), self.deadlines[name]
-        log(f'section {name}: {self.left():.0f} s')
-        try:
-            yield
-        finally:
-            self.used[name] = round(time.monotonic() - begin, 1)
-
-    def run(self, step: Callable[[], object], cap: float | None = None):
-        """``step()``, raising Overrun if it is still running at the deadline (or after ``cap`` seconds)."""
-        seconds = min(self.left(), cap if cap is not None else math.inf)
-        if seconds <= 0:
-            raise Overrun('no time left')
-
-        def alarm(signum, frame):
-            raise Overrun(f'stopped after {seconds:.0f} s')
-
-        previous = signal.signal(signal.SIGALRM, alarm)
-        signal.setitimer(signal.ITIMER_REAL, seconds)
-        try:
-            return step()
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, previous)
-
-
-def overrun_in(exc: BaseException) -> Overrun | None:
-    """The Overrun that ``exc`` is or wraps (Triton's interpreter and dynamo re-raise errors inside their own)."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, Overrun):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -153,148 +93,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key, value in settings.items():
         setattr(args, key, value)
     return args
-
-
-# ------------------------------------------------------------------------------------------------------- kernels
-
-def layout_of(x: torch.Tensor, layout: str) -> torch.Tensor:
-    return x.to(memory_format=torch.channels_last) if layout == 'channels_last' else x.contiguous()
-
-
-def kernel_cases(args: argparse.Namespace) -> list[dict]:
-    """(shape, k, layout) in priority order: each model's own k on its stages first, then the other k's, odd shapes
-    last; a shape shared by N and T is listed once."""
-    cases, seen = [], set()
-    stage_shapes = [(model, shape) for model in ('T', 'N') for shape in args.stages[model]]
-    passes = [[(m, s, args.own_k[m]) for m, s in stage_shapes]]
-    passes.append([(m, s, k) for k in args.kernels for m, s in stage_shapes if k != args.own_k[m]])
-    passes.append([('odd', s, k) for k in args.kernels for s in args.odd])
-    for model, shape, k in (item for group in passes for item in group):
-        for layout in LAYOUTS:
-            if (shape, k, layout) not in seen:
-                seen.add((shape, k, layout))
-                cases.append(dict(model=model, C=shape[0], H=shape[1], W=shape[2], k=k, layout=layout))
-    return cases
-
-
-def case_key(case: dict, dtype: str = 'bf16') -> str:
-    return f"k{case['k']} {case['C']}x{case['H']}x{case['W']} {case['layout']} {dtype}"
-
-
-def conv_inputs(case: dict, batch: int, dtype: torch.dtype, device: torch.device) -> tuple:
-    x = layout_of(torch.randn(batch, case['C'], case['H'], case['W'], device=device, dtype=dtype), case['layout'])
-    weight = torch.randn(case['C'], 1, case['k'], case['k'], device=device, dtype=dtype) / case['k']
-    bias = torch.randn(case['C'], device=device, dtype=dtype)
-    return x, weight, bias
-
-
-def modulation_torch(a, v, weight, bias):
-    """The unfused path of the modulation: GELU, the depthwise conv (F.conv2d), the product with v."""
-    return conv_torch(F.gelu(a), weight, bias) * v
-
-
-def check_case(case: dict, dtype: str, batch: int, device: torch.device) -> dict:
-    """Relative errors of the Triton conv and the fused modulation (output and every gradient) vs float64."""
-    from conv2former.ops import conv_modulation, depthwise_conv2d
-
-    x, weight, bias = conv_inputs(case, batch, DTYPES[dtype], device)
-    conv = check(depthwise_conv2d, x, weight, bias, ref_dtype=torch.float64)
-    v = torch.randn_like(x)
-    fused = check_against(conv_modulation, modulation_torch, (x, v, weight, bias),
-                          ('out', 'grad_a', 'grad_v', 'grad_weight', 'grad_bias'), ref_dtype=torch.float64)
-    limit = REL_ERR_LIMIT[dtype]
-    return dict(conv=conv, fused=fused, conv_ok=max(conv.values()) <= limit, fused_ok=max(fused.values()) <= limit)
-
-
-def check_tile(case: dict, tile, device: torch.device) -> float:
-    """Largest relative error (bf16, batch 2, vs float64) of the forward, input-gradient and weight-gradient launchers
-    with ``tile``."""
-    from conv2former.ops import dwconv
-
-    x, weight, bias = conv_inputs(case, 2, torch.bfloat16, device)
-    dy = torch.randn_like(x)
-    ref = [t.double() for t in (x, weight, bias, dy)]
-    grad_w, grad_b = dwconv.launch_weight_grad(dy, x, case['k'], tile=tile)
-    pairs = [(dwconv.launch_forward(x, weight, bias, flip=False, tile=tile), conv_torch(*ref[:3])),
-             (dwconv.launch_forward(dy, weight, None, flip=True, tile=tile),
-              conv_torch(ref[3], ref[1].flip(-1, -2), None)),
-             (grad_w, torch.nn.grad.conv2d_weight(ref[0], ref[1].shape, ref[3], padding=case['k'] // 2,
-                                                  groups=case['C'])),
-             (grad_b, ref[3].sum((0, 2, 3)))]
-    return max(rel_err(out, expected) for out, expected in pairs)
-
-
-def clamp_tile(tile: tuple, case: dict):
-    """A candidate tile shrunk to the next powers of two of the case's C, H, W (as the heuristic does)."""
-    from conv2former.ops.launch import TileConfig, next_pow2
-
-    block_c, block_h, block_w, warps = tile
-    return TileConfig(min(block_c, next_pow2(case['C'])), min(block_h, next_pow2(case['H'])),
-                      min(block_w, next_pow2(case['W'])), warps)
-
-
-def default_tile(case: dict):
-    from conv2former.ops.launch import TileConfig, tile_config
-
-    return TileConfig(*tile_config(case['C'], case['H'], case['W'], case['layout'] == 'channels_last'))
-
-
-def roofline(case: dict, batch: int, mode: str, ms: float, peaks: tuple[float, float]) -> dict:
-    """GB/s and the ratio of ``ms`` to max(bytes / peak B/s, MACs / peak MAC/s) for a bf16 ``mode`` pass."""
-    n_bytes, macs = traffic(batch, case['C'], case['H'], case['W'], case['k'], 2, mode)
-    floor_ms = 1e3 * max(n_bytes / peaks[0], macs / peaks[1])
-    return dict(gbps=round(n_bytes / ms / 1e6, 1), roofline_ms=floor_ms, roofline_ratio=round(ms / floor_ms, 2))
-
-
-# ------------------------------------------------------------------------------------------------------- models
-
-def model_outputs(name: str, kwargs: dict, state: dict, x: torch.Tensor, target: torch.Tensor,
-                           dtype: str, device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Logits and parameter gradients (loss = sum(logits * target)) of ``name`` with ``state`` in ``dtype``: fp64,
-    fp32, or bf16 autocast over fp32 weights."""
-    model = build(name, kwargs, device).eval()
-    model.load_state_dict(state)
-    if dtype == 'fp64':
-        model.double()
-    context = bf16(device) if dtype == 'bf16' else contextlib.nullcontext()
-    with context:
-        logits = model(x.double() if dtype == 'fp64' else x).double()
-    (logits * target).sum().backward()
-    grads = {n: p.grad.double() for n, p in model.named_parameters() if p.grad is not None}
-    return logits.detach(), grads
-
-
-def compare(logits, grads, ref_logits, ref_grads) -> dict[str, float]:
-    """Relative errors: logits, all gradients as one vector, and the worst single parameter's gradient."""
-    flat = torch.cat([g.flatten() for g in grads.values()])
-    ref_flat = torch.cat([ref_grads[n].flatten() for n in grads])
-    return dict(logits=rel_err(logits, ref_logits), grads=rel_err(flat, ref_flat),
-                worst_param=max(rel_err(g, ref_grads[n]) for n, g in grads.items()))
-
-
-def check_model(name: str, base: dict, paths: tuple[str, ...], batch: int, size: int,
-                device: torch.device) -> dict:
-    """Each kernel path vs kernels='torch' on the same random (variance-preserving) weights and images, in fp32 and in
-    bf16 autocast. The reference is kernels='torch' one precision up (fp64, fp32); a path passes when its error is at
-    most MODEL_NOISE_FACTOR x torch's own error at that precision, plus a small floor."""
-    reference = build(name, base | dict(kernels='torch'), device).eval()
-    randomize_for_check(reference)
-    state, num_classes = reference.state_dict(), reference.num_classes
-    del reference
-    x = images(batch, size, device)
-    target = torch.randn(batch, num_classes, device=device, dtype=torch.float64)
-    torch_path = base | dict(kernels='torch')
-    results = {}
-    for dtype, ref_dtype in (('fp32', 'fp64'), ('bf16', 'fp32')):
-        ref = model_outputs(name, torch_path, state, x, target, ref_dtype, device)
-        noise = compare(*model_outputs(name, torch_path, state, x, target, dtype, device), *ref)
-        for path in paths:
-            errors = compare(*model_outputs(name, base | dict(kernels=path), state, x, target, dtype, device), *ref)
-            tolerance = {key: MODEL_NOISE_FACTOR * noise[key] + MODEL_FLOOR[dtype] for key in errors}
-            results[f'{path} {dtype}'] = dict(errors=errors, torch_noise=noise, tolerance=tolerance,
-                                              ok=all(errors[key] <= tolerance[key] for key in errors))
-        free_memory(device)
-    return results
 
 
 # ------------------------------------------------------------------------------------------------------- the run
@@ -402,10 +200,8 @@ class GpuCheck:
             if row is not None:
                 rows['conv'][key] = row
                 self.save()
-        for case in cases:  # pass B: fused modulation vs the unfused path, each model's own k
+        for case in fused_cases(self.args, cases):  # pass B: fused modulation vs the unfused path
             key = case_key(case)
-            if case['model'] not in OWN_K or case['k'] != self.args.own_k[case['model']]:
-                continue
             if not self.verified(case, 'fused'):
                 self.skip('kernels', f'fused {key}', 'correctness not passed (or not run)')
                 continue
@@ -427,7 +223,7 @@ class GpuCheck:
         dy = torch.randn_like(x)
         row = dict(case)
         for impl, op in (('cudnn', conv_torch), ('triton', depthwise_conv2d)):
-            fns = timed_fns(op, x, weight, bias, dy)
+            fns = timed_fns(op, (x, weight, bias), dy)
             for mode in ('fwd', 'fwd+bwd'):
                 ms = self.timer(fns[mode])
                 row[f'{impl} {mode} ms'] = ms
@@ -441,19 +237,8 @@ class GpuCheck:
         v, dy = torch.randn_like(a), torch.randn_like(a)
         row = dict(case)
         for impl, op in (('unfused', modulation_torch), ('fused', conv_modulation)):
-            leaves = [t.detach().requires_grad_() for t in (a, v, weight, bias)]
-
-            def forward(op=op):
-                with torch.no_grad():
-                    return op(a, v, weight, bias)
-
-            def forward_backward(op=op, leaves=leaves):
-                for leaf in leaves:
-                    leaf.grad = None
-                op(*leaves).backward(dy)
-
-            row[f'{impl} fwd ms'] = self.timer(forward)
-            row[f'{impl} fwd+bwd ms'] = self.timer(forward_backward)
+            for mode, fn in timed_fns(op, (a, v, weight, bias), dy).items():
+                row[f'{impl} {mode} ms'] = self.timer(fn)
         log(f"fused {case_key(case)}: fwd unfused {row['unfused fwd ms']:.3f} / fused {row['fused fwd ms']:.3f} ms, "
             f"fwd+bwd {row['unfused fwd+bwd ms']:.3f} / {row['fused fwd+bwd ms']:.3f} ms")
         return row
@@ -464,15 +249,14 @@ class GpuCheck:
 
         x, weight, bias = conv_inputs(case, batch, torch.bfloat16, self.device)
         dy = torch.randn_like(x)
-        default = default_tile(case)
-        candidates = [default] + [clamp_tile(t, case) for t in TILES[case['layout']][:self.args.tiles]]
-        candidates = list(dict.fromkeys(candidates))  # clamping can make two the same
+        tiles = candidates(case, self.args.tiles)
+        default = tiles[0]
         kernels = {'fwd': lambda t: dwconv.launch_forward(x, weight, bias, flip=False, tile=t),
                    'dgrad': lambda t: dwconv.launch_forward(dy, weight, None, flip=True, tile=t),
                    'wgrad': lambda t: dwconv.launch_weight_grad(dy, x, case['k'], tile=t)}
         timings = {name: {} for name in kernels}
-        for tile in candidates:
-            label = 'x'.join(map(str, tile[:3])) + f'/w{tile.num_warps}'
+        for tile in tiles:
+            label = tile_label(tile)
             if tile != default:
                 err = check_tile(case, tile, self.device)
                 if err > REL_ERR_LIMIT['bf16']:
@@ -481,8 +265,7 @@ class GpuCheck:
             for name, launch in kernels.items():
                 timings[name][label] = self.timer(lambda: launch(tile))
         best = {name: min(ms, key=ms.get) for name, ms in timings.items() if ms}
-        default_label = 'x'.join(map(str, default[:3])) + f'/w{default.num_warps}'
-        return dict(ms=timings, best=best, default=default_label,
+        return dict(ms=timings, best=best, default=tile_label(default),
                     tuned_fwd_ms=timings['fwd'][best['fwd']],
                     tuned_fwd_bwd_ms=sum(timings[name][best[name]] for name in kernels))
 
@@ -529,7 +312,19 @@ class GpuCheck:
                 if compiled:
                     torch._dynamo.reset()
 
+    def start_aot(self) -> AotNumbers | None:
+        """The AOT numbers of every launch the kernels section may time, started in the background."""
+        cases = kernel_cases(self.args)
+        tuned = [(case, candidates(case, self.args.tiles)) for case in cases[:self.args.tune_cases]]
+        try:
+            return AotNumbers(configs(cases, fused_cases(self.args, cases), tuned, self.args.batch, case_key),
+                              self.args.out)
+        except Exception as exc:  # noqa: BLE001 - the numbers are an addition; the GPU run goes on without them
+            log(f'AOT numbers not started: {type(exc).__name__}: {exc}')
+            return None
+
     def run(self) -> None:
+        aot = self.start_aot() if 'kernels' in self.args.sections else None
         steps = dict(correctness=self.correctness, kernels=self.kernels, models=lambda: self.models(False),
                      compile=lambda: self.models(True))
         for name in SECTIONS:
@@ -542,105 +337,8 @@ class GpuCheck:
             self.save()
         self.report['auto_rule'] = auto_rule(self.report['kernels']['conv'])
         add_model_ratios(self.report['models'])
-
-
-# ------------------------------------------------------------------------------------------------------- results
-
-def auto_rule(rows: dict) -> dict:
-    """"Never slower than cuDNN": Triton for a (k, layout, shape) when its best forward and best forward+backward are
-    both at most cuDNN's; condensed per (k, layout): 'triton' (all measured shapes), 'torch' (none) or the list."""
-    per_case, by_group = [], {}
-    for key, row in rows.items():
-        tiles = row.get('tiles') or {}
-        fwd = min(row['triton fwd ms'], tiles.get('tuned_fwd_ms', math.inf))
-        fwd_bwd = min(row['triton fwd+bwd ms'], tiles.get('tuned_fwd_bwd_ms', math.inf))
-        speedup = dict(fwd=row['cudnn fwd ms'] / fwd, fwd_bwd=row['cudnn fwd+bwd ms'] / fwd_bwd)
-        choice = 'triton' if min(speedup.values()) >= 1 else 'torch'
-        per_case.append(dict(case=key, k=row['k'], layout=row['layout'], shape=[row['C'], row['H'], row['W']],
-                             speedup={m: round(s, 2) for m, s in speedup.items()}, choice=choice,
-                             tiles=tiles.get('best')))
-        by_group.setdefault(f"k={row['k']} {row['layout']}", []).append((row['C'], row['H'], row['W'], choice))
-    summary = {}
-    for group, shapes in sorted(by_group.items()):
-        winners = [list(s[:3]) for s in shapes if s[3] == 'triton']
-        summary[group] = ('triton' if len(winners) == len(shapes) else 'torch' if not winners
-                          else dict(triton_for=winners, measured=len(shapes)))
-    return dict(criterion='Triton where its best fwd and fwd+bwd (heuristic tile or tuned, bf16, batch 128) are '
-                          'both <= cuDNN; otherwise cuDNN. Shapes not measured stay on cuDNN.',
-                by_k_layout=summary, per_case=per_case)
-
-
-def add_model_ratios(rows: dict) -> None:
-    """img/s relative to the pair's ConvNeXt (> 1: faster) for every measured throughput."""
-    peers = {row['pair']: row for row in rows.values() if row['path'] == 'peer'}
-    for row in rows.values():
-        peer = peers.get(row['pair'], {})
-        row['vs_peer'] = {key: round(row[key] / peer[key], 3) for key in ('infer_img_s', 'train_img_s',
-                                                                          'compile_img_s')
-                          if isinstance(row.get(key), float) and isinstance(peer.get(key), float)}
-
-
-def cell(value, digits: int = 3) -> str:
-    return '—' if value is None else f'{value:.{digits}f}'
-
-
-def markdown(report: dict) -> str:
-    env = report['environment']
-    lines = [f"# GPU check: Triton kernels vs cuDNN ({env['device']})", '',
-             f"torch {env['torch']}, triton {env['triton']}, cuDNN {env['cudnn']}, CUDA {env['cuda']}, "
-             f"{env['date']}; `{env['command']}`", '']
-    ops = report['correctness']['ops']
-    passed = sum(r['conv_ok'] and r['fused_ok'] for r in ops.values())
-    lines += ['## Correctness', '', f'{passed}/{len(ops)} op cases pass (conv and fused modulation; forward, input, '
-              f"weight and bias grads vs float64; limits {REL_ERR_LIMIT}).", '']
-    for name, results in report['correctness']['models'].items():
-        for variant, r in results.items():
-            lines.append(f"- {name} kernels={variant}: " + ', '.join(
-                f"{k} {v:.2e} (tol {r['tolerance'][k]:.2e})" for k, v in r['errors'].items())
-                + ('' if r['ok'] else ' **FAIL**'))
-    lines += ['', '## Depthwise conv, bf16, batch ' + str(report['settings']['batch']), '',
-              'ms = median (CUDA events, L2 flushed). Triton = heuristic tile (op); tuned = best tile per kernel, '
-              'fwd+bwd = sum of the best fwd, input-grad and weight-grad kernels. ratio = ms / roofline.', '',
-              '| k | C×H×W | layout | cuDNN fwd | Triton fwd | tuned fwd | × | cuDNN f+b | Triton f+b | tuned f+b '
-              '| × | Triton GB/s | roofline ratio | tiles won (fwd/dgrad/wgrad) | rule |',
-              '|' + '---|' * 15]
-    rule = {c['case']: c for c in (report.get('auto_rule') or {}).get('per_case', [])}
-    for key, row in report['kernels']['conv'].items():
-        tiles, choice = row.get('tiles') or {}, rule.get(key, {})
-        best = tiles.get('best') or {}
-        lines.append(
-            f"| {row['k']} | {row['C']}×{row['H']}×{row['W']} | {row['layout']} | {cell(row['cudnn fwd ms'])} | "
-            f"{cell(row['triton fwd ms'])} | {cell(tiles.get('tuned_fwd_ms'))} | "
-            f"{cell(choice.get('speedup', {}).get('fwd'), 2)} | {cell(row['cudnn fwd+bwd ms'])} | "
-            f"{cell(row['triton fwd+bwd ms'])} | {cell(tiles.get('tuned_fwd_bwd_ms'))} | "
-            f"{cell(choice.get('speedup', {}).get('fwd_bwd'), 2)} | {row['triton fwd']['gbps']:.0f} | "
-            f"{row['triton fwd']['roofline_ratio']:.1f} | {' / '.join(best.get(n, '—') for n in ('fwd', 'dgrad', 'wgrad'))}"
-            f" | {choice.get('choice', '—')} |")
-    if report['kernels']['fused']:
-        lines += ['', '## Fused modulation vs unfused (GELU → cuDNN conv → ×v), bf16', '',
-                  '| k | C×H×W | layout | unfused fwd | fused fwd | unfused f+b | fused f+b |', '|' + '---|' * 7]
-        for row in report['kernels']['fused'].values():
-            lines.append(f"| {row['k']} | {row['C']}×{row['H']}×{row['W']} | {row['layout']} | "
-                         + ' | '.join(cell(row[f'{i} {m} ms']) for m in ('fwd', 'fwd+bwd') for i in ('unfused', 'fused'))
-                         + ' |')
-    lines += ['', '## Models (bf16 autocast, channels_last)', '',
-              '| model | path | infer img/s | × peer | infer GiB | train img/s | × peer | train GiB | compiled img/s '
-              '| × peer | compile s |', '|' + '---|' * 11]
-    for label, row in report['models'].items():
-        ratio = row.get('vs_peer', {})
-        lines.append(f"| {row['model']} | {row['path']} | {cell(row.get('infer_img_s'), 0)} | "
-                     f"{cell(ratio.get('infer_img_s'), 2)} | {cell(row.get('infer_peak_gib'), 2)} | "
-                     f"{cell(row.get('train_img_s'), 0)} | {cell(ratio.get('train_img_s'), 2)} | "
-                     f"{cell(row.get('train_peak_gib'), 2)} | {cell(row.get('compile_img_s'), 0)} | "
-                     f"{cell(ratio.get('compile_img_s'), 2)} | {cell(row.get('compile_s'), 1)} |")
-    if report.get('auto_rule'):
-        lines += ['', '## Proposed automatic rule', '', report['auto_rule']['criterion'], '']
-        lines += [f'- {group}: {choice}' for group, choice in report['auto_rule']['by_k_layout'].items()]
-    lines += ['', '## Budget', '', '| section | used s | skipped |', '|---|---|---|']
-    for name in SECTIONS:
-        used = report['sections'].get(name, {}).get('used_s')
-        lines.append(f"| {name} | {cell(used, 1)} | {len(report['skipped'].get(name, []))} |")
-    return '\n'.join(lines + footer(report)) + '\n'
+        if aot is not None:  # what the budget leaves, at most AOT_WAIT_S (the compilations began with the run)
+            self.report['aot'] = aot.collect(min(max(self.budget.left(), 2.0), AOT_WAIT_S[self.args.smoke]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -654,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
                                                      'img_size', 'smoke')}
     report = dict(environment=environment(device, now), settings=settings, complete=False, sections={},
                   correctness=dict(ops={}, models={}), kernels=dict(conv={}, fused={}), models={}, auto_rule=None,
-                  skipped={}, failures=[])
+                  aot=None, skipped={}, failures=[])
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / 'summary'
 
@@ -662,11 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         write_report(stem, report, markdown(report))
 
     GpuCheck(args, device, report, save).run()
-    report['complete'] = True
-    save()
-    print(markdown(report))
-    print(f'wrote {stem}.json and .md')
-    return 1 if report['failures'] else 0
+    return finish(report, save, markdown, f'{stem}.json and .md')
 
 
 if __name__ == '__main__':

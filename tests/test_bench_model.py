@@ -1,9 +1,9 @@
 """benchmarks/bench_model.py and bench_resolution.py: each --smoke run covers the whole code path on CPU (CUDA-only
 calls aside); without CUDA they refuse with exit 2. The resolution report's ratios, exponents, OOM cells and plot are
-also checked on hand-made numbers."""
+also checked on hand-made numbers. bench_model runs as ``python -m benchmarks.bench_model``, bench_resolution as a
+file (``python benchmarks/bench_resolution.py``, as experiments/gpu_run.sh runs it)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -15,15 +15,19 @@ import pytest
 import torch
 from PIL import Image
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / 'benchmarks'
-SCRIPT = BENCHMARKS / 'bench_model.py'
-RESOLUTION = BENCHMARKS / 'bench_resolution.py'
+from benchmarks import bench_resolution
+
+ROOT = Path(__file__).resolve().parents[1]
+RESOLUTION = ROOT / 'benchmarks' / 'bench_resolution.py'
 NUMBER_KEYS = ('infer_img_s', 'compile_img_s', 'compile_s', 'train_img_s', 'train_peak_gib')
 
 
-def run_script(*args: str, script: Path = SCRIPT) -> subprocess.CompletedProcess:
+def run_script(*args: str, script: Path | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """``python -m benchmarks.bench_model ARGS`` from the repository root, or ``python SCRIPT ARGS`` from ``cwd``."""
     env = {k: v for k, v in os.environ.items() if k not in ('CONV2FORMER_KERNELS', 'TRITON_INTERPRET')}
-    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env, timeout=300)
+    command = ['-m', 'benchmarks.bench_model'] if script is None else [str(script)]
+    return subprocess.run([sys.executable, *command, *args], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=cwd)
 
 
 def test_smoke_writes_json_and_markdown(tmp_path):
@@ -65,7 +69,7 @@ def test_without_cuda_exits_2(tmp_path):
 
 
 def test_resolution_smoke_writes_json_markdown_and_plot(tmp_path):
-    proc = run_script('--smoke', '--out', str(tmp_path), script=RESOLUTION)
+    proc = run_script('--smoke', '--out', str(tmp_path), script=RESOLUTION, cwd=tmp_path.parent)  # a file, elsewhere
     assert proc.returncode == 0, proc.stdout + proc.stderr
     [json_file] = tmp_path.glob('bench_resolution-cpu-smoke-*.json')
     assert sorted(path.name for path in tmp_path.iterdir()) == [json_file.name, json_file.stem + '.md',
@@ -104,24 +108,9 @@ def test_resolution_smoke_writes_json_markdown_and_plot(tmp_path):
         assert image.format == 'PNG' and image.size == (1200, 480)
 
 
-def load_script(path: Path):
-    """A benchmark script imported as a module, sys.path and sys.modules (its sibling imports) left as they were."""
-    saved_path, saved_modules = list(sys.path), set(sys.modules)
-    try:
-        spec = importlib.util.spec_from_file_location(path.stem, path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path[:] = saved_path
-        for name in ('common', 'bench_dwconv', 'bench_model'):
-            if name not in saved_modules:
-                sys.modules.pop(name, None)
-    return module
-
-
 @pytest.fixture(scope='module')
 def bench():
-    return load_script(RESOLUTION)
+    return bench_resolution
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='checks the refusal on a machine without CUDA')

@@ -1,8 +1,9 @@
 """benchmarks/gpu_check.py (issue 14's one GPU run) and the explicit tile configurations of the Triton launchers.
 
 Fast: the launchers with non-default tiles against F.conv2d, tile validation, the budget's interruption, one
-correctness case and the "never slower than cuDNN" rule on hand-made timings. Slow: the whole --smoke run on CPU
-(Triton interpreter; about a minute of CPU time).
+correctness case, the "never slower than cuDNN" rule on hand-made timings, the AOT configurations of the timed
+launches and their table. Slow: ``bash benchmarks/gpu_check.sh --smoke`` on CPU (Triton interpreter; one to two
+minutes of CPU time, the AOT numbers of its launches compiled alongside).
 """
 from __future__ import annotations
 
@@ -20,16 +21,18 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from benchmarks import gpu_aot, gpu_cases, gpu_report  # noqa: E402
 from conv2former.ops import convmod, dwconv, launch  # noqa: E402
 from conv2former.ops.dwconv import TileConfig  # noqa: E402
-from test_bench_model import load_script  # noqa: E402
 
-SCRIPT = Path(__file__).resolve().parents[1] / 'benchmarks' / 'gpu_check.py'
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / 'benchmarks' / 'gpu_check.py'
 
 
 @pytest.fixture(scope='module')
 def gpu_check():
-    return load_script(SCRIPT)
+    from benchmarks import gpu_check
+    return gpu_check
 
 
 @pytest.mark.parametrize('tile, channels_last', [(TileConfig(4, 4, 4, 1), False), (TileConfig(8, 8, 16, 2), True)])
@@ -47,9 +50,9 @@ def test_launchers_with_explicit_tiles_match_conv2d(tile, channels_last):
     torch.testing.assert_close(grad_b, dy.sum((0, 2, 3)), rtol=1e-4, atol=1e-4)
 
     v = torch.randn_like(x)
-    [out] = convmod._launch_modulate(x, v, weight, bias, act=True, fusion='mul', weighting='none', tile=tile)
+    [out] = convmod.launch_modulate(x, v, weight, bias, act=True, fusion='mul', weighting='none', tile=tile)
     torch.testing.assert_close(out, F.conv2d(F.gelu(x), weight, bias, padding=1, groups=5) * v, rtol=1e-4, atol=1e-4)
-    da = convmod._launch_input_grad(dy, x, weight, act=False, tile=tile)
+    da = convmod.launch_input_grad(dy, x, weight, act=False, tile=tile)
     torch.testing.assert_close(da, grad_x)
 
 
@@ -96,7 +99,7 @@ def test_check_case_and_tile_check_on_an_odd_shape(gpu_check):
     assert set(result['conv']) == {'out', 'grad_x', 'grad_weight', 'grad_bias'}
     assert set(result['fused']) == {'out', 'grad_a', 'grad_v', 'grad_weight', 'grad_bias'}
     assert max(result['conv'].values()) < 1e-6  # fp32 kernel vs float64 reference
-    tile = gpu_check.clamp_tile((64, 4, 4, 4), case)
+    tile = gpu_cases.clamp_tile((64, 4, 4, 4), case)
     assert tile == TileConfig(8, 4, 4, 4)
     assert gpu_check.check_tile(case, tile, torch.device('cpu')) < 1e-2
 
@@ -138,18 +141,49 @@ def test_without_cuda_exits_2(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_aot_configurations_are_the_timed_launches(gpu_check):
+    args = gpu_check.parse_args(['--smoke'])
+    cases = gpu_cases.kernel_cases(args)
+    fused = gpu_cases.fused_cases(args, cases)
+    tuned = [(case, gpu_cases.candidates(case, args.tiles)) for case in cases[:args.tune_cases]]
+    configs = gpu_aot.configs(cases, fused, tuned, args.batch, gpu_cases.case_key)
+    assert len(cases) == 4 and len(fused) == 2 and len(tuned[0][1]) == 2  # the heuristic's tile and one candidate
+    assert len(configs) == 4 * 3 + 2 * 4 + 2 * 3
+    first = configs[0]
+    assert first == dict(case='k3 8x6x6 channels_last bf16', variant='dwconv.fwd bias', dtype='bf16',
+                         layout='channels_last', shape=[2, 8, 6, 6], k=3, tile=None)
+    assert {c['variant'] for c in configs} == set(gpu_aot.CONV_LAUNCHES + gpu_aot.FUSED_LAUNCHES)
+    assert [c['tile'] for c in configs[-3:]] == [list(tuned[0][1][1])] * 3
+
+
+def test_aot_numbers_in_the_summary(gpu_check):
+    row = dict(case='k11 72x56x56 channels_last bf16', variant='dwconv.fwd bias', layout='channels_last', k=11,
+               requested_tile=None, tile='32x4x8', num_warps=4, key='abc', regs=40, spill_stores=0, shared_bytes=0,
+               warps_per_sm=48, limiter='registers', **{'from': 'aot.json'})
+    lines = gpu_report.aot_lines(dict(arch=90, note='From a test.', rows=[row, dict(row, case='k11 other')]))
+    table = '\n'.join(lines)
+    assert '## AOT resources of the timed launches (sm_90)' in table
+    assert ('| dwconv.fwd bias | channels_last | 11 | 32x4x8 / 4 | 40 | 0 | 0 | 48 | registers | aot.json | '
+            'k11 72x56x56 channels_last bf16; k11 other |') in table
+    assert gpu_report.aot_cell(row) == '40 / 48' and gpu_report.aot_cell(None) == '—'
+
+
 @pytest.mark.slow
 def test_smoke_run_covers_every_section(tmp_path):
+    """``bash benchmarks/gpu_check.sh --smoke``: every section, and the AOT numbers of every timed launch."""
     env = {k: v for k, v in os.environ.items() if k not in ('CONV2FORMER_KERNELS', 'TRITON_INTERPRET')}
-    proc = subprocess.run([sys.executable, str(SCRIPT), '--smoke', '--out', str(tmp_path)], capture_output=True,
-                          text=True, env=env, timeout=900)
+    env.update(OUT=str(tmp_path), PYTHON=sys.executable)
+    proc = subprocess.run(['bash', str(ROOT / 'benchmarks' / 'gpu_check.sh'), '--smoke'], capture_output=True,
+                          text=True, env=env, timeout=900, cwd=tmp_path)
+    out = tmp_path / 'gpu_check'
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.loads((tmp_path / 'summary.json').read_text())
-    assert (tmp_path / 'summary.md').read_text() in proc.stdout
+    report = json.loads((out / 'summary.json').read_text())
+    summary = (out / 'summary.md').read_text()
+    assert summary in proc.stdout and summary in (out / 'log.txt').read_text()
     assert report['complete'] and report['failures'] == [] and report['skipped'] == {}
     env_ = report['environment']
     assert {'device', 'torch', 'triton', 'cudnn', 'date', 'command'} <= env_.keys()
-    assert env_['command'].endswith(f'gpu_check.py --smoke --out {tmp_path}')
+    assert env_['command'].endswith(f'gpu_check.py --out {out} --smoke')
     assert set(report['sections']) == {'correctness', 'kernels', 'models', 'compile'}
 
     ops = report['correctness']['ops']
@@ -171,3 +205,17 @@ def test_smoke_run_covers_every_section(tmp_path):
         assert row['infer_img_s'] > 0 and row['train_img_s'] > 0 and row['train_peak_gib'] > 0, label
     assert 'compile_img_s' in rows['conv2former_t fused'] and 'compile_img_s' in rows['convnext_tiny']
     assert rows['convnext_tiny']['vs_peer']['infer_img_s'] == 1.0
+
+    aot = report['aot']  # the toy shapes are not in the committed report: compiled for sm_90 during the run
+    assert aot['arch'] == 90 and aot['complete'] and len(aot['rows']) == 4 * 3 + 2 * 4 + 2 * 3
+    for row in aot['rows']:
+        assert row['ok'] and row['from'] in ('aot.json', 'compiled'), row
+        assert 16 <= row['regs'] <= 255 and row['spill_stores'] == 0 and row['shared_bytes'] >= 0, row
+        assert 0 < row['warps_per_sm'] <= 64 and row['kernel'] in ('dwconv.forward', 'dwconv.weight_grad',
+                                                                   'convmod.modulate', 'convmod.input_grad')
+    assert {row['case'] for row in aot['rows']} == {f'{key}' for key in conv}
+    assert '## AOT resources of the timed launches (sm_90)' in summary
+    for key in conv:  # the forward's registers and warps per SM beside its GB/s
+        fwd = next(r for r in aot['rows'] if r['case'] == key and r['variant'] == 'dwconv.fwd bias')
+        assert f"| {fwd['regs']} / {fwd['warps_per_sm']} |" in summary
+    assert 'AOT sm_90 ' in proc.stdout and (out / 'aot-sm90.json').is_file()
