@@ -1,7 +1,8 @@
 """The ``conv2former`` command line: sub-parsers that build options and call the Python API or a task's commands.
 
 ``train | validate | predict | convert | export`` (classification), ``detect train|eval|predict`` and
-``segment train|eval|predict`` (dense tasks), ``analyze erf|erf-compare|maps|cam``, ``sweep``, ``info`` (model table)."""
+``segment train|eval|predict`` (dense tasks), ``analyze erf|erf-compare|maps|cam``, ``sweep``, ``shards`` (WebDataset
+shards from a dataset), ``info`` (model table)."""
 import argparse
 import json
 import logging
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .tasks.segmentation.cli import add_parsers as add_segmentation
     from .analysis.cli import add_analyze_parser as add_analyze
     from .sweep.cli import add_parsers as add_sweep
+    from .shards import add_shards_parser
     parser = argparse.ArgumentParser(prog='conv2former', description=__doc__)
     parser.add_argument('--version', action='version', version=conv2former.__version__)
     sub = parser.add_subparsers(dest='command', required=True)
@@ -44,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_segmentation(sub)
     add_analyze(sub)
     add_sweep(sub)
+    add_shards_parser(sub)
     return parser
 
 

@@ -33,6 +33,26 @@ def write_toy_images(root: Path, n_train: int = 12, n_val: int = 6, classes=(('d
     return root
 
 
+def kill_at_checkpoint(argv, run: Path, prefix: str, env: dict, timeout: float = 120) -> None:
+    """Run ``python -m conv2former *argv`` and SIGKILL it as soon as ``run`` holds a checkpoint whose name starts
+    with ``prefix`` (e.g. ``epoch-0001-step-00000004``), with its data-loader workers; fails if the run ended first
+    or finished before the kill."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from conv2former.engine.state import list_checkpoints
+    proc = subprocess.Popen([sys.executable, '-m', 'conv2former', *argv], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + timeout
+    while not any(p.name.startswith(prefix) for p in list_checkpoints(run)):
+        assert proc.poll() is None and time.time() < deadline, 'the run ended before it could be killed'
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)  # the process and its data-loader workers, as a crash of the node would
+    proc.wait()
+    assert not (run / 'last').exists(), 'the run finished before the kill: the test proved nothing'
+
+
 @pytest.fixture(scope='session')
 def toy_images():
     """``write_toy_images`` for tests that need their own variant of the toy data."""

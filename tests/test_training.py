@@ -1,10 +1,8 @@
 """The training toolkit end to end: train → validate → predict, exact resume after SIGKILL, DDP, failures."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from conftest import kill_at_checkpoint
 from conv2former.cli import build_parser, main
 from conv2former.api import build_options
 from conv2former.engine.state import find_resume_checkpoint, list_checkpoints, save_checkpoint
@@ -72,16 +71,8 @@ def test_resume_after_sigkill_gives_identical_weights(tmp_path, toy_data):
               '--warmup-epochs', '1', '--lr', '1e-3']
     # every run in its own process with the same thread count: float reductions then happen in the same order
     _run_cli(_train_args(toy_data, tmp_path, 'straight', *common))
-    cmd = [sys.executable, '-m', 'conv2former', *_train_args(toy_data, tmp_path, 'killed', *common)]
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     run = tmp_path / 'killed'
-    deadline = time.time() + 120
-    while not any(p.name.startswith('epoch-0001-step-00000004') for p in list_checkpoints(run)):
-        assert proc.poll() is None and time.time() < deadline, 'the run ended before it could be killed'
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (run / 'last').exists(), 'the run finished before the kill: the test proved nothing'
+    kill_at_checkpoint(_train_args(toy_data, tmp_path, 'killed', *common), run, 'epoch-0001-step-00000004', ENV)
     resumed_from = find_resume_checkpoint(run)
     _run_cli(['train', '--resume', str(run)])  # the run's own settings are restored: no flags repeated
     straight, resumed = _weights(tmp_path / 'straight'), _weights(run)
@@ -106,6 +97,20 @@ def test_resuming_with_more_epochs_follows_the_longer_schedule(tmp_path, toy_dat
     assert two[later[0]] > 2e-4  # mid-cosine, not the minimum
 
 
+def one_and_two_processes(train_args, data, tmp_path, common):
+    """Train ``data`` in 1 process x batch 8 ('one') and under torchrun as 2 gloo ranks x batch 4 ('two'); the
+    weights must agree. Returns torchrun's result and the two runs' results.json."""
+    _run_cli(train_args(data, tmp_path, 'one', '-b', '8', *common))
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', '-m',
+           'conv2former', *train_args(data, tmp_path, 'two', '-b', '4', *common)]
+    result = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = _weights(tmp_path / 'one'), _weights(tmp_path / 'two')
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
+    return result, [json.loads((tmp_path / name / 'results.json').read_text()) for name in ('one', 'two')]
+
+
 def test_two_process_torchrun_matches_one_process(tmp_path, toy_data):
     """gloo DDP with 2 ranks x batch 4 == 1 process x batch 8 (no BatchNorm: patch stem; no drop path); an odd
     number of validation images is evaluated once each (no DistributedSampler padding)."""
@@ -115,18 +120,10 @@ def test_two_process_torchrun_matches_one_process(tmp_path, toy_data):
     toy_data = data
     common = ['--epochs', '1', '--drop-path', '0', '--lr', '1e-3', '--warmup-epochs', '0', '--model-kwargs',
               'stem=patch', '--smoothing', '0']
-    _run_cli(_train_args(toy_data, tmp_path, 'one', '-b', '8', *common))
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', '-m',
-           'conv2former', *_train_args(toy_data, tmp_path, 'two', '-b', '4', *common)]
-    result = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    one, two = _weights(tmp_path / 'one'), _weights(tmp_path / 'two')
-    for k in one:
-        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
+    result, evals = one_and_two_processes(_train_args, toy_data, tmp_path, common)
     history = [json.loads(line) for line in (tmp_path / 'two' / 'metrics.jsonl').read_text().splitlines()]
     assert history[-1]['step'] == 48 // 8  # steps count global batches
     assert result.stdout.count('final: top-1') == 1, result.stdout  # rank 0 reports; rank 1 holds no best epoch
-    evals = [json.loads((tmp_path / name / 'results.json').read_text()) for name in ('one', 'two')]
     assert evals[0]['num_samples'] == evals[1]['num_samples'] == 17
     assert evals[1]['top1'] == pytest.approx(evals[0]['top1']) and evals[1]['loss'] == pytest.approx(evals[0]['loss'])
 

@@ -131,26 +131,35 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         before the run starts (and its folder is made). Raises ValueError naming the first unreadable image."""
         from concurrent.futures import ThreadPoolExecutor
 
-        def problem(path: str) -> str | None:
+        def problem(i: int) -> str | None:
             try:
-                load_rgb(path)
+                self.decode(i)
             except (OSError, ValueError) as e:
                 return str(e)
             return None
 
         with ThreadPoolExecutor(max(1, workers)) as pool:
-            found = pool.map(problem, [p for p, _ in self.samples])
+            found = pool.map(problem, range(len(self.samples)))
             for checked, error in enumerate(tqdm(found, total=len(self.samples), disable=not progress, unit='img',
                                                  desc=f'checking {self.root.name} (--strict)'), 1):
                 if error:
                     raise ValueError(f'unreadable image (--strict; {checked} of {len(self.samples)} checked): '
                                      f'{error}')
 
+    def decode(self, i: int) -> Image.Image:
+        """Image ``i`` as RGB (``load_rgb``): OSError / ValueError naming it when it cannot be read."""
+        return load_rgb(self.samples[i][0])
+
+    def read_bytes(self, i: int) -> bytes:
+        """The encoded image ``i`` as stored."""
+        with open(self.samples[i][0], 'rb') as f:
+            return f.read()
+
     def _load(self, i: int) -> Image.Image | None:
         """Image ``i``, or None (flagged as unreadable, with a warning) when it cannot be read."""
         path = self.samples[i][0]
         try:
-            return load_rgb(path)
+            return self.decode(i)
         except (OSError, ValueError) as e:
             if self.strict:
                 raise ValueError(f'unreadable image (--strict): {e}') from e

@@ -226,7 +226,13 @@ def convert_upstream(
 
 def _open_rgb(image: str | Path) -> Image.Image:
     """The image at ``image`` as RGB, or a ValueError naming it as given (URLs and ``KEY=VALUE`` words explained)."""
+    from ...shards import ShardImage
     text = str(image)
+    if isinstance(image, ShardImage):  # a sample of WebDataset shards (predict --data)
+        try:
+            return image.load_rgb()
+        except OSError as e:
+            raise ValueError(str(e)) from None
     if re.match(r'^[a-z][a-z0-9+.-]*://', text, re.IGNORECASE):
         raise ValueError(f'{text}: a URL; predict reads local image files (download it first)')
     path = Path(image)

@@ -21,6 +21,7 @@ from ...engine.options import (RunOptions, non_negative_float, non_negative_int,
                                redefault)
 from ...data import resolve_data_dir
 from ...fileio import pretrained_overlay, write_model_folder
+from ...shards import build_shard_datasets, is_shard_source
 from .data import (ImageFolderDataset, allow_zero_bit_posterize, build_datasets, build_timm_datasets, check_auto_augment,
                    is_timm_source)
 from .evaluate import evaluate, save_confusion_matrix_png, write_results
@@ -37,9 +38,10 @@ class ClassificationOptions(RunOptions):
     recipe: Optional[str] = redefault(RunOptions, 'recipe', None, choices=tuple(sorted(RECIPES)),
                                       help='preset of option values: ' + ', '.join(sorted(RECIPES)))
     data: Optional[str] = redefault(RunOptions, 'data', None,
-                                    help='ImageFolder tree (train/ and val/ inside), a .tar/.tar.gz of one, or a timm '
-                                         'source (torch/cifar10, hfds/<hub id>); default: the bundled Fashion-MNIST '
-                                         'subset')
+                                    help='ImageFolder tree (train/ and val/ inside), a .tar/.tar.gz of one, WebDataset '
+                                         "shards (a folder of train/ and val/ *.tar, or 'shards/train-{0000..0127}.tar'"
+                                         '), or a timm source (torch/cifar10, hfds/<hub id>); default: the bundled '
+                                         'Fashion-MNIST subset')
     data_dir: Optional[Path] = option(None, '--data-dir', type=Path, help='root folder of a timm source')
     dataset_download: bool = option(False, '--dataset-download', kind='flag',
                                     help='let a torch/ source download missing files')
@@ -152,13 +154,16 @@ class ClassificationTask:
 
     def datasets(self) -> tuple[Dataset, Dataset]:
         o = self.options
+        shards = is_shard_source(o.data)
         if o.data_cache:
             from .tensor_data import cached_datasets
-            train, val = cached_datasets(resolve_data_dir(o.data), self._data_config_on_meta(), strict=o.strict)
+            train, val = cached_datasets(o.data if shards else resolve_data_dir(o.data), self._data_config_on_meta(),
+                                         strict=o.strict)
         elif is_timm_source(o.data):
             train, val, _ = build_timm_datasets(o.data, o.data_dir, download=o.dataset_download)
         else:
-            train, val, _ = build_datasets(resolve_data_dir(o.data), strict=o.strict)
+            train, val, _ = build_shard_datasets(o.data, strict=o.strict, progress=o.progress) if shards else \
+                build_datasets(resolve_data_dir(o.data), strict=o.strict)
             if o.strict:  # fail before the run starts, not in a data-loader worker mid-epoch
                 for dataset in (train, val):
                     dataset.check_readable(max(o.workers, 1), o.progress)

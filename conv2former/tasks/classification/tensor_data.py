@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ...data import default_cache_dir, load_rgb
+from ...data import default_cache_dir
 from .batch_augment import BatchRandAugment
 from .data import ImageFolderDataset
 
@@ -39,24 +39,25 @@ _logger = logging.getLogger(__name__)
 CACHE_VERSION = 1
 
 
-def _cache_key(samples: Sequence[tuple[str, int]], root: Path, class_names: list, recipe: str) -> str:
-    """sha256 over the cache format, classes, preprocessing and every image file's relative path, label and bytes."""
+def _cache_key(listing: ImageFolderDataset, root: Path, class_names: list, recipe: str) -> str:
+    """sha256 over the cache format, classes, preprocessing and every image's relative path, label and bytes."""
     h = hashlib.sha256(json.dumps([CACHE_VERSION, class_names, recipe]).encode())
-    for path, target in samples:
+    for i, (path, target) in enumerate(listing.samples):
         h.update(f'\0{os.path.relpath(path, root)}\0{target}\0'.encode())
-        with open(path, 'rb') as f:
-            h.update(f.read())
+        h.update(listing.read_bytes(i))
     return h.hexdigest()[:16]
 
 
-def _decode_all(samples, prepare: Callable, size: int, folder: Path, strict: bool, desc: str) -> list:
+def _decode_all(listing: ImageFolderDataset, prepare: Callable, size: int, folder: Path, strict: bool,
+                desc: str) -> list:
     """Decode every sample into ``folder/images.npy`` (N, H, W, 3 uint8); returns the skipped (path, reason)."""
+    samples = listing.samples
     images = np.lib.format.open_memmap(folder / 'images.npy', mode='w+', dtype=np.uint8,
                                        shape=(len(samples), size, size, 3))
     targets, skipped = [], []
-    for path, target in tqdm(samples, desc=desc, unit='img', dynamic_ncols=True, mininterval=2):
+    for i, (path, target) in enumerate(tqdm(samples, desc=desc, unit='img', dynamic_ncols=True, mininterval=2)):
         try:
-            arr = np.asarray(prepare(load_rgb(path)), dtype=np.uint8)
+            arr = np.asarray(prepare(listing.decode(i)), dtype=np.uint8)
         except (OSError, ValueError) as e:
             if strict:
                 raise ValueError(f'unreadable image {path}: {e}') from e
@@ -78,10 +79,12 @@ def _decode_all(samples, prepare: Callable, size: int, folder: Path, strict: boo
 def build_tensor_cache(split_dir, size: int, prepare: Callable, recipe: str, class_names: Optional[list] = None,
                        strict: bool = False, cache_dir=None) -> Path:
     """The cache folder of ``split_dir`` preprocessed by ``prepare`` (PIL image -> ``size`` x ``size`` RGB), built
-    once (atomically) under ``<cache>/tensor-cache``; ``recipe`` describes ``prepare`` in the key."""
-    listing = ImageFolderDataset(split_dir, class_names=class_names, strict=strict)
-    root = Path(split_dir)
-    key = _cache_key(listing.samples, root, listing.class_names, f'{recipe}@{size}')
+    once (atomically) under ``<cache>/tensor-cache``; ``recipe`` describes ``prepare`` in the key. ``split_dir`` may
+    also be a dataset already listed (e.g. ``shards.ShardDataset``)."""
+    listing = split_dir if isinstance(split_dir, ImageFolderDataset) else \
+        ImageFolderDataset(split_dir, class_names=class_names, strict=strict)
+    root = listing.root
+    key = _cache_key(listing, root, listing.class_names, f'{recipe}@{size}')
     base = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir() / 'tensor-cache'
     target = base / f'{root.parent.name}-{root.name}-{size}px-{key}'
     if (target / 'meta.json').is_file():
@@ -89,7 +92,7 @@ def build_tensor_cache(split_dir, size: int, prepare: Callable, recipe: str, cla
     base.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f'.{target.name}.tmp-', dir=base))
     try:
-        unreadable = _decode_all(listing.samples, prepare, size, tmp, strict, f'caching {root.name} at {size}px')
+        unreadable = _decode_all(listing, prepare, size, tmp, strict, f'caching {root.name} at {size}px')
         meta = dict(version=CACHE_VERSION, root=str(root), class_names=listing.class_names, size=size,
                     recipe=recipe, skipped=listing.skipped + unreadable,
                     num_images=len(listing.samples) - len(unreadable))
@@ -175,15 +178,20 @@ def _eval_steps(data_config: dict) -> Callable:
 
 def cached_datasets(root, data_config: dict, strict: bool = False, cache_dir=None
                     ) -> tuple[TensorImageDataset, TensorImageDataset]:
-    """(train, val) tensor-cache datasets of the ImageFolder tree ``root`` for ``data_config`` (timm's: input_size,
-    interpolation, crop_pct, mean, std): train squashed to the input size, val as the evaluation transform gives."""
+    """(train, val) tensor-cache datasets of the ImageFolder tree (or WebDataset shards) ``root`` for
+    ``data_config`` (timm's: input_size, interpolation, crop_pct, mean, std): train squashed to the input size, val
+    as the evaluation transform gives."""
     from ...data import find_split
+    from ...shards import build_shard_datasets, is_shard_source
     size, interp = data_config['input_size'][-1], data_config['interpolation']
-    train_dir = find_split(root, 'train')
+    if is_shard_source(root):  # WebDataset shards: their listings stand for the split folders
+        train_dir, val_dir, _ = build_shard_datasets(root, strict=strict)
+    else:
+        train_dir, val_dir = find_split(root, 'train'), find_split(root, 'val')
     train = TensorImageDataset(build_tensor_cache(train_dir, size, _squash(size, interp), f'squash-{interp}',
                                                   strict=strict, cache_dir=cache_dir))
     val_recipe = f'eval-{interp}-crop{data_config["crop_pct"]}-{data_config.get("crop_mode", "center")}'
-    val = TensorImageDataset(build_tensor_cache(find_split(root, 'val'), size, _eval_steps(data_config), val_recipe,
+    val = TensorImageDataset(build_tensor_cache(val_dir, size, _eval_steps(data_config), val_recipe,
                                                 class_names=train.class_names, strict=strict, cache_dir=cache_dir),
                              mean=data_config['mean'], std=data_config['std'])
     return train, val
