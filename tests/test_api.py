@@ -58,16 +58,17 @@ def test_recipe_inside_a_yaml_config_applies_at_its_place(tmp_path):
 
 def test_the_cli_and_the_api_build_the_same_options(tmp_path):
     from conv2former.cli import build_parser
+    from conv2former.tasks.classification.cli import train_options
     argv = ['train', '--recipe', 'small', '--model-kwargs', 'kernel_size=7', '--model-kwargs', 'depths=[1,1,1,1]',
             '-b', '8', '--no-progress', '--scale', '0.5', '1']
-    args = vars(build_parser().parse_args(argv))
-    from_cli = build_options('classification', {k: v for k, v in args.items() if k not in ('func', 'command')})
+    from_cli = build_options('classification', train_options(build_parser().parse_args(argv))[0])
     from_api = build_options('classification', dict(recipe='small', model_kwargs=dict(kernel_size=7, depths=[1, 1, 1, 1]),
                                                     batch_size=8, progress=False, scale=(0.5, 1)))
     assert from_cli == from_api
     # timm's train.py form: several key=value pairs after one --model-kwargs
-    timm_form = vars(build_parser().parse_args(['train', '--model-kwargs', 'kernel_size=7', 'depths=[1,1,1,1]', '-b', '8']))
-    assert build_options('classification', {k: v for k, v in timm_form.items() if k not in ('func', 'command')}
+    timm_form = train_options(build_parser().parse_args(['train', '--model-kwargs', 'kernel_size=7', 'depths=[1,1,1,1]',
+                                                         '-b', '8']))[0]
+    assert build_options('classification', timm_form
                          ).model_kwargs == dict(kernel_size=7, depths=[1, 1, 1, 1])
 
 

@@ -175,8 +175,8 @@ def test_a_crash_while_writing_never_corrupts_the_last_checkpoint(tmp_path, monk
 
 
 def _parse(*argv):
-    args = vars(build_parser().parse_args(['train', *argv]))
-    return build_options('classification', {k: v for k, v in args.items() if k not in ('func', 'command')})
+    from conv2former.tasks.classification.cli import train_options
+    return build_options('classification', train_options(build_parser().parse_args(['train', *argv]))[0])
 
 
 def test_config_resolution_precedence(tmp_path):

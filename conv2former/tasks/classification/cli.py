@@ -13,18 +13,21 @@ from ...slurm import add_slurm_arguments
 from .task import ClassificationOptions
 
 
-def _explicit(args: argparse.Namespace) -> dict:
-    """The options given on the command line (flags not given stay out: defaults, recipe and YAML fill them)."""
-    return {k: v for k, v in vars(args).items() if k not in ('func', 'command')}
+def train_options(args: argparse.Namespace):
+    """(options, cluster request) of a parsed ``train`` command: the options given on the command line (flags not
+    given stay out: defaults, recipe and YAML fill them) and the checked ``--slurm`` request, or None."""
+    from ...slurm import pop_request
+    request = pop_request(args)
+    return {k: v for k, v in vars(args).items() if k not in ('func', 'command')}, request
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from ...api import train
-    from ...slurm import pop_request, print_submitted, submit_run
-    request = pop_request(args)
+    from ...slurm import print_submitted, submit_run
+    options, request = train_options(args)
     if request is not None:
-        return print_submitted(submit_run('classification', _explicit(args), request))
-    final = train('classification', **_explicit(args))
+        return print_submitted(submit_run('classification', options, request))
+    final = train('classification', **options)
     if final.get('val_top1') is not None and launched_as_main():
         print(f'final: top-1 {final["val_top1"]:.2f}%  top-5 {final["val_top5"]:.2f}%  '
               f'(best {final.get("best_top1", final["val_top1"]):.2f}%)  run folder: {final["run_dir"]}')
