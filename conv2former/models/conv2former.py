@@ -7,18 +7,18 @@ Defaults reproduce the upstream code exactly (same outputs, parameters, MACs; up
 ``checkpoint_filter_fn``). Keyword options expose the paper's ablations and its text form.
 """
 from functools import partial
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Sequence, Union
 
 import torch
 import torch.nn as nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import LayerNorm2d, calculate_drop_path_rates, trunc_normal_
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, named_apply, register_model
+from timm.layers import LayerNorm2d, calculate_drop_path_rates
+from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 
-from .base import Conv2FormerBase
-from .checkpoint import remap_upstream_state_dict, resolve_pretrained_file
-from .layers import Conv2FormerBlock, Conv2FormerHead, check_kernel_size, create_stem, to_stage_tuple
+from .base import Conv2FormerBase, build_variant
+from .checkpoint import remap_upstream_state_dict
+from .layers import Conv2FormerBlock, check_kernel_size, create_stem, to_stage_tuple
 
 __all__ = ['Conv2Former', 'checkpoint_filter_fn']
 
@@ -82,83 +82,44 @@ class Conv2Former(Conv2FormerBase):
         drop_rate: Dropout before the classifier.
         drop_path_rate: Stochastic depth, ramped linearly 0 → rate over all blocks.
         device, dtype: Factory kwargs for every parameter (e.g. ``device='meta'``).
+
+    ``depths`` to ``head`` are this family's own keywords; the others (``**kwargs``) are the constructor keywords
+    both families share, taken by ``Conv2FormerBase``.
     """
 
     def __init__(
             self,
-            in_chans: int = 3,
-            num_classes: int = 1000,
-            global_pool: str = 'avg',
             depths: Sequence[int] = (3, 3, 12, 3),
             dims: Sequence[int] = (72, 144, 288, 576),
             kernel_size: Union[int, Sequence[int]] = 11,
             mlp_ratio: float = 4.,
-            ls_init_value: Optional[float] = 1e-6,
-            fusion: str = 'mul',
-            weighting: str = 'none',
-            attn_act: bool = True,
-            mlp_dwconv: bool = True,
-            kernels: Optional[str] = None,
             stem: str = 'conv3',
             head: str = 'conv',
-            head_hidden_size: int = 1280,
-            head_init_scale: float = 1.,
-            drop_rate: float = 0.,
-            drop_path_rate: float = 0.,
-            device=None,
-            dtype=None,
+            **kwargs,
     ):
-        super().__init__()
-        dd = dict(device=device, dtype=dtype)
         num_stages = len(depths)
         if len(dims) != num_stages:
             raise ValueError(f'dims and depths need one entry per stage, got {len(dims)} dims and {num_stages} depths')
         kernel_sizes = [check_kernel_size(k) for k in to_stage_tuple(kernel_size, num_stages, 'kernel_size')]
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.drop_rate = drop_rate
-        self.output_fmt = 'NCHW'
-        self.feature_info = []
+        super().__init__(partial(self._build_stages, depths, dims, kernel_sizes, mlp_ratio, stem), head, **kwargs)
 
+    def _build_stages(self, depths: Sequence[int], dims: Sequence[int], kernel_sizes: Sequence[int], mlp_ratio: float,
+                      stem: str, in_chans: int, drop_path_rate: float, block_kwargs: dict, dd: dict) -> None:
+        num_stages = len(depths)
+        self.feature_info = []
         self.stem = create_stem(stem, in_chans, dims[0], stride=4, **dd)
         dp_rates = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
         stages = []
         prev_chs = dims[0]
         for i in range(num_stages):
-            stages.append(Conv2FormerStage(
-                prev_chs,
-                dims[i],
-                depth=depths[i],
-                downsample=i > 0,
-                drop_path_rates=dp_rates[i],
-                kernel_size=kernel_sizes[i],
-                mlp_ratio=mlp_ratio,
-                ls_init_value=ls_init_value,
-                fusion=fusion,
-                weighting=weighting,
-                attn_act=attn_act,
-                mlp_dwconv=mlp_dwconv,
-                kernels=kernels,
-                **dd,
-            ))
+            stages.append(Conv2FormerStage(prev_chs, dims[i], depth=depths[i], downsample=i > 0,
+                                           drop_path_rates=dp_rates[i], kernel_size=kernel_sizes[i],
+                                           mlp_ratio=mlp_ratio, **block_kwargs))
             prev_chs = dims[i]
             self.feature_info.append(dict(num_chs=prev_chs, reduction=4 * 2 ** i, module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
-        self.num_features = prev_chs
         # smallest input whose last stage keeps one pixel: stride-2 layers floor, as upstream
         self.stem.min_size = next(s for s in range(1, 4097) if self.stem.output_size(s) >> (num_stages - 1) >= 1)
-
-        self.head = Conv2FormerHead(
-            self.num_features,
-            num_classes,
-            pool_type=global_pool,
-            head_type=head,
-            hidden_size=head_hidden_size,
-            drop_rate=drop_rate,
-            **dd,
-        )
-        self.head_hidden_size = self.head.num_features
-        named_apply(partial(init_weights, head_init_scale=head_init_scale), self)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Union[str, List]]:
@@ -180,17 +141,6 @@ class Conv2Former(Conv2FormerBase):
         return self.stages(x)
 
 
-def init_weights(module: nn.Module, name: Optional[str] = None, head_init_scale: float = 1.0) -> None:
-    """Upstream init: truncated normal (std .02) conv/linear weights, zero biases; classifier scaled."""
-    if isinstance(module, (nn.Conv2d, nn.Linear)):
-        trunc_normal_(module.weight, std=.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-        if name and name.endswith('head.fc'):
-            module.weight.data.mul_(head_init_scale)
-            module.bias.data.mul_(head_init_scale)
-
-
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
     """Map an upstream (HVision-NKU) or our own checkpoint onto ``model``'s parameter names.
 
@@ -199,18 +149,6 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
     input channels may differ: timm adapts those).
     """
     return remap_upstream_state_dict(state_dict, model)
-
-
-def _create_conv2former(variant: str, pretrained: bool = False, **kwargs) -> Conv2Former:
-    kwargs = resolve_pretrained_file(pretrained, kwargs)
-    return build_model_with_cfg(
-        Conv2Former,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),
-        **kwargs,
-    )
 
 
 def pretrained_cfg_entry(url: str = '', **kwargs) -> dict:
@@ -258,8 +196,8 @@ MODEL_CONFIGS = {
 
 def _create_variant(name: str, pretrained: bool, kwargs: dict) -> Conv2Former:
     dims, depths, kernel_size = MODEL_CONFIGS[name]
-    model_args = dict(dims=dims, depths=depths, kernel_size=kernel_size)
-    return _create_conv2former(name, pretrained=pretrained, **dict(model_args, **kwargs))
+    return build_variant(Conv2Former, name, pretrained, dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),
+                         dict(dims=dims, depths=depths, kernel_size=kernel_size), kwargs)
 
 
 @register_model

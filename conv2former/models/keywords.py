@@ -15,13 +15,22 @@ _NOT_USER_KEYWORDS = ('self', 'device', 'dtype')
 
 
 def model_keywords(model_name: str) -> list[str] | None:
-    """Sorted constructor keywords of ``model_name``'s class, or None when it takes any (``**kwargs``)."""
+    """Sorted constructor keywords of ``model_name``'s class, or None when it takes any. A constructor's
+    ``**kwargs`` is taken as passed on to the base class's constructor, whose keywords count too (the Conv2Former
+    families take their shared keywords that way), down to one without ``**kwargs``; one that reaches
+    ``nn.Module``'s takes any. Positional-only parameters are the base's own business, not keywords."""
     with torch.device('meta'):
         cls = type(timm.create_model(model_name, pretrained=False))
-    params = inspect.signature(cls.__init__).parameters.values()
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return None
-    return sorted(p.name for p in params if p.name not in _NOT_USER_KEYWORDS)
+    names = set()
+    for klass in cls.__mro__:
+        if '__init__' not in vars(klass):
+            continue
+        params = inspect.signature(klass.__init__).parameters.values()
+        names.update(p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                          inspect.Parameter.KEYWORD_ONLY))
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+            return sorted(names - set(_NOT_USER_KEYWORDS))
+    return None
 
 
 def check_model_kwargs(model_name: str, kwargs: dict, flag: str = '--model-kwargs') -> None:

@@ -382,9 +382,9 @@ class Conv2FormerHead(nn.Module):
             device=None,
             dtype=None,
     ):
+        check_choice('head', head_type, HEADS)
         super().__init__()
         dd = dict(device=device, dtype=dtype)
-        check_choice('head', head_type, HEADS)
         self.in_features = in_features
         self.norm_first = head_type == 'conv'
         if self.norm_first:
