@@ -49,9 +49,10 @@ def clamp_tile(tile: tuple, case: dict):
 
 
 def default_tile(case: dict):
-    from conv2former.ops.launch import TileConfig, tile_config
+    """The launchers' own tile for the case (tile heuristic and warps)."""
+    from conv2former.ops.launch import heuristic_tile
 
-    return TileConfig(*tile_config(case['C'], case['H'], case['W'], case['layout'] == 'channels_last'))
+    return heuristic_tile(case['C'], case['H'], case['W'], case['layout'] == 'channels_last')
 
 
 def candidates(case: dict, n: int | None) -> list:

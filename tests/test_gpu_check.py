@@ -56,9 +56,13 @@ def test_launchers_with_explicit_tiles_match_conv2d(tile, channels_last):
     torch.testing.assert_close(da, grad_x)
 
 
-def test_default_tile_is_the_heuristic_with_four_warps():
+def test_default_tile_is_the_heuristic_with_its_warps():
     x = torch.randn(1, 72, 56, 56).to(memory_format=torch.channels_last)
     assert launch.resolve_tile(x, None) == TileConfig(*launch.tile_config(72, 56, 56, True), 4)
+    small = torch.randn(1, 576, 7, 7)  # NCHW stage 4: 16 channels x 8 x 8 at 8 warps (occupancy, aot.md)
+    assert launch.resolve_tile(small, None) == TileConfig(16, 8, 8, 8)
+    assert launch.resolve_tile(small.to(memory_format=torch.channels_last), None) == TileConfig(32, 4, 8, 4)
+    assert launch.resolve_tile(torch.randn(1, 72, 56, 56), None) == TileConfig(4, 8, 32, 4)
     assert launch.resolve_tile(x, (8, 4, 4, 2)) == TileConfig(8, 4, 4, 2)
 
 

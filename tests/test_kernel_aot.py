@@ -151,6 +151,31 @@ def test_timed_reads_known_compilations_and_compiles_the_rest(quick, compiled_mo
     assert json.loads((tmp_path / 'timed.json').read_text())['rows'] == result['rows']
 
 
+def test_heuristic_tiles_compile_without_spills_within_limits(compiled_mode):
+    """Walks the tile heuristic over the family's shapes (every model, stage and layout): each tile holds at most 8
+    accumulator elements per thread, and the committed report (benchmarks/results/aot, compiled from this kernel
+    source) has it for both archs, every record compiled, without spills, at half the SM's warps or more."""
+    from benchmarks.kernel_aot.launches import source_hash
+    records = json.loads((ROOT / 'benchmarks' / 'results' / 'aot' / 'aot.json').read_text())
+    stale = sorted({r['kernel'] for r in records if r['source'] != source_hash(r['kernel'])})
+    assert not stale, (f'benchmarks/results/aot is of an older source of {stale}: regenerate it (its runs.json lists '
+                       'the commands)')
+    tiles = {launch.heuristic_tile(channels, size, size, layout == 'channels_last')
+             for channels_per_stage in aot.MODELS.values() for channels, size in zip(channels_per_stage, aot.MAPS)
+             for layout in aot.LAYOUTS}
+    for tile in tiles:
+        assert tile.block_c * tile.block_h * tile.block_w // (32 * tile.num_warps) <= 8, tile
+        for arch in aot.ARCHS:
+            found = [r for r in records if r['arch'] == arch and r['tile_source'] == 'heuristic'
+                     and r['tile'] == 'x'.join(map(str, tile[:3])) and r['num_warps'] == tile.num_warps]
+            assert {r['kernel'] for r in found} == {'dwconv.forward', 'dwconv.weight_grad', 'convmod.modulate',
+                                                    'convmod.input_grad'}, (arch, tile)
+            bad = [(r['kernel'], r['regs'], r['spill_stores'], r['warps_per_sm']) for r in found
+                   if not r['ok'] or r['spill_stores'] or r['spill_loads'] or r['warps_per_sm'] < 32
+                   or r['shared_bytes'] > aot.ARCHS[arch].smem_per_block]
+            assert not bad, (arch, tile, bad)
+
+
 def test_occupancy_model():
     assert aot.occupancy(40, 0, 4, 90)['warps_per_sm'] == 48  # 4 x floor(16384 / 1280) = 48
     assert aot.occupancy(32, 0, 4, 90) == dict(warps_per_sm=64, occupancy=1.0, blocks_per_sm=16, limiter='none')

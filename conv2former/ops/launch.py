@@ -29,13 +29,13 @@ except ImportError:  # the torch path (conv2former.ops.dwconv2d) still works
 
 __all__ = ['SUPPORTED_DTYPES', 'MIN_KERNEL_SIZE', 'MAX_KERNEL_SIZE', 'SUM_COMBINE', 'KERNEL_SETS', 'KernelSet',
            'Launch', 'TileConfig', 'accumulator_dtypes', 'empty_output', 'interpreter_enabled', 'is_channels_last',
-           'launch_grid', 'launch_mode', 'next_pow2', 'recording_launches', 'resolve_tile', 'sm_count',
+           'heuristic_tile', 'launch_grid', 'launch_mode', 'next_pow2', 'recording_launches', 'resolve_tile', 'sm_count',
            'taps_by_channel', 'tile_config', 'tile_indices', 'depthwise_sum', 'triton_available', 'validate_inputs']
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 MIN_KERNEL_SIZE, MAX_KERNEL_SIZE = 3, 31
-# Above this many tile elements per thread the ahead-of-time compiled kernels (benchmarks/kernel_aot.py) use 182-255
-# registers or spill; every tile the heuristic picks, and gpu_check's candidates, hold 8-16.
+# Above this many tile elements per thread the ahead-of-time compiled kernels (benchmarks.kernel_aot) use 182-255
+# registers or spill; every tile the heuristic picks holds 4-8, gpu_check's candidates 8-16.
 MAX_ELEMENTS_PER_THREAD = 32
 
 # The kernels call only Triton builtins. triton.language's own jitted helpers (tl.cdiv, tl.sum, tl.zeros, ...) become
@@ -192,10 +192,18 @@ class TileConfig(NamedTuple):
         return dict(BLOCK_C=self.block_c, BLOCK_H=self.block_h, BLOCK_W=self.block_w, num_warps=self.num_warps)
 
 
+def heuristic_tile(channels: int, height: int, width: int, channels_last: bool) -> TileConfig:
+    """The heuristic's tile (``tile_config``) with its warps: 4, or 8 for an NCHW tile of 16 or more channels (maps
+    of at most 8 x 8, e.g. stage 4 at 224 px: 16x8x8 at 4 warps takes 72-94 registers, 20-28 of 64 warps per SM on
+    sm_90 / sm_80; at 8 warps 48-60 registers, 32-40 warps, no spills; benchmarks/results/aot/aot.md)."""
+    block_c, block_h, block_w = tile_config(channels, height, width, channels_last)
+    return TileConfig(block_c, block_h, block_w, 8 if not channels_last and block_c >= 16 else 4)
+
+
 def resolve_tile(x: Tensor, tile: Optional[TileConfig]) -> TileConfig:
-    """``tile`` checked (ValueError naming the bad field), or the heuristic's tile for ``x`` with 4 warps."""
+    """``tile`` checked (ValueError naming the bad field), or the heuristic's tile for ``x`` (``heuristic_tile``)."""
     if tile is None:
-        return TileConfig(*tile_config(x.shape[1], x.shape[2], x.shape[3], is_channels_last(x)))
+        return heuristic_tile(x.shape[1], x.shape[2], x.shape[3], is_channels_last(x))
     tile = TileConfig(*tile)
     for name, value in zip(TileConfig._fields, tile):
         limit = 32 if name == 'num_warps' else 1024
