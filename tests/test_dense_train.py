@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from conv2former.cli import main
 from conv2former.tasks.detection import build_detector
-from conv2former.tasks.dense import layer_decay_param_groups
+from conv2former.engine.optim import BackboneLayers, create_optimizer
 
 TINY = ['--backbone', 'conv2former_n', '--backbone-kwargs', 'depths=[1,1,1,1]', '--backbone-kwargs',
         'dims=[16,16,32,32]', '-j', '0', '--no-progress', '--warmup-iters', '1', '--seed', '3']
@@ -145,7 +145,8 @@ def test_segment_train_resumes_mid_epoch_exactly(tmp_path):
 
 def test_layer_decay_groups_scale_the_backbone_by_depth():
     model = build_detector('fasterrcnn', 'conv2former_n', num_classes=2, depths=(1, 1, 2, 1), dims=(16, 16, 32, 32))
-    groups = layer_decay_param_groups(model, model.backbone.body, 'conv2former_n', 0.05, 0.5)
+    groups = create_optimizer(model, 'adamw', 1e-4, 0.05, 0.5,
+                              BackboneLayers(model, model.backbone.body, 'conv2former_n')).param_groups
     scale = {id(p): g['lr_scale'] for g in groups for p in g['params']}
     decay = {id(p): g['weight_decay'] for g in groups for p in g['params']}
     assert len(scale) == sum(1 for p in model.parameters())  # every parameter exactly once
@@ -161,8 +162,9 @@ def test_layer_decay_groups_scale_the_backbone_by_depth():
     assert scale[id(named['roi_heads.box_predictor.cls_score.weight'])] == 1.0
     assert decay[id(named['backbone.body.stages_3.blocks.0.mlp.fc2.bias'])] == 0.0
     assert decay[id(named['backbone.body.stages_3.blocks.0.mlp.fc2.weight'])] == 0.05
-    no_decay = layer_decay_param_groups(model, model.backbone.body, 'conv2former_n', 0.05, None)
-    assert {g['lr_scale'] for g in no_decay} == {1.0}
+    no_decay = create_optimizer(model, 'adamw', 1e-4, 0.05, None).param_groups
+    assert [g['weight_decay'] for g in no_decay] == [0.0, 0.05] and not any('lr_scale' in g for g in no_decay)
+    assert sum(len(g['params']) for g in no_decay) == len(scale)
 
 
 @pytest.mark.parametrize('case, message', [

@@ -13,10 +13,10 @@ import torch
 import torch.nn as nn
 from timm.data import Mixup, create_transform, resolve_data_config
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
 from torch.utils.data import DataLoader, Dataset
 
 from ...engine.distributed import DistEnv
+from ...engine.optim import create_optimizer
 from ...engine.options import (RunOptions, non_negative_float, non_negative_int, option, positive_int, probability,
                                redefault)
 from ...data import resolve_data_dir
@@ -252,8 +252,7 @@ class ClassificationTask:
 
     def optimizer(self, model: nn.Module, world_size: int) -> torch.optim.Optimizer:
         o = self.options
-        return create_optimizer_v2(model, opt=o.opt, lr=o.resolve_lr(world_size), weight_decay=o.weight_decay,
-                                   layer_decay=o.layer_decay)
+        return create_optimizer(model, o.opt, o.resolve_lr(world_size), o.weight_decay, o.layer_decay)
 
     def schedule(self, steps_per_epoch: int) -> dict:
         o = self.options

@@ -24,8 +24,7 @@ class DetectionOptions(DenseOptions):
     min_size: tuple = option(tuple(range(480, 801, 32)), '--min-size', type=positive_int, nargs='+',
                              group='data and augmentation',
                              help='short side(s): one picked per batch when training; the last is the test size')
-    max_size: int = option(1333, '--max-size', type=positive_int, help='long side limit',
-                           group='data and augmentation')
+    max_size: int = option(1333, '--max-size', type=positive_int, help='long side limit', group='data and augmentation')
     holdout: int = option(50, '--holdout', type=int, help='Penn-Fudan: images held out as val',
                           group='data and augmentation')
     skip_empty: bool = option(False, '--skip-empty', kind='flag', help='skip training images without annotations',

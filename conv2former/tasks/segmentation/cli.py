@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ...engine.options import positive_int
-from ..dense import add_task_parsers
+from ..dense_cli import add_task_parsers
 from .options import SegmentationOptions
 
 
