@@ -194,3 +194,75 @@ def test_rows_read_metrics_csv_when_the_json_lines_are_gone(tmp_path):
     row = run_row(tmp_path, dict(name='r', variant={}, seed=0), [])
     assert row['best_top1'] == 45.5 and row['final_top1'] == 40.0 and row['epochs'] == 3
     assert row['train_img_per_sec'] == 60.0
+
+
+def _camvid(root: Path) -> Path:
+    """A CamVid-layout tree of 64 px images, label 1 inside a bright square and 0 elsewhere."""
+    rng = np.random.default_rng(0)
+    for split, n in (('train', 4), ('val', 2)):
+        (root / split).mkdir(parents=True)
+        (root / f'{split}annot').mkdir()
+        for i in range(n):
+            x, y = (int(v) for v in rng.integers(4, 30, 2))
+            image = rng.integers(0, 60, (64, 64, 3), dtype=np.uint8)
+            image[y:y + 28, x:x + 28] = (240, 240, 40)
+            label = np.zeros((64, 64), np.uint8)
+            label[y:y + 28, x:x + 28] = 1
+            Image.fromarray(image).save(root / split / f'{split}{i}.png')
+            Image.fromarray(label, mode='L').save(root / f'{split}annot' / f'{split}{i}.png')
+    return root
+
+
+def test_a_segmentation_sweep_folder_reports_miou(tmp_path):
+    """The aggregate follows the task's best_metric: two real 1-epoch segmentation runs (lr 1e-3 / 2e-3, seed 0) in a
+    sweep folder report mIoU (columns, sweep.md, plot), with params rebuilt from each run's task folder. (The runner
+    plans model keywords into ``model_kwargs``, a classification option, so the runs are trained here directly.)"""
+    from conv2former.api import train
+    from conv2former.sweep import aggregate
+    from conv2former.sweep.grid import build_sweep
+    from conv2former.sweep.runner import plan_runs, write_sweep_file
+    from conv2former.tasks import get_task
+    options = dict(data=str(_camvid(tmp_path / 'camvid')), backbone='conv2former_n', crop_size=[64], epochs=1,
+                   batch_size=2, decoder_channels=32, backbone_kwargs=dict(depths=[1, 1, 1, 1], dims=[16, 16, 32, 32]),
+                   workers=0, progress=False, warmup_iters=1, overlays=0)
+    sweep = build_sweep(['lr=0.001,0.002'], [0], options, get_task('segmentation')[1], task='segmentation')
+    runs = plan_runs(sweep, tmp_path / 'seg')
+    write_sweep_file(sweep, runs, tmp_path / 'seg')
+    for run in runs:
+        train('segmentation', **{k: v for k, v in run.options.items() if k != 'model_kwargs'})
+    result = aggregate(tmp_path / 'seg')
+    assert result['metric'].label == 'mIoU' and [e['n'] for e in result['summary']] == [1, 1]
+    rows = _rows(tmp_path / 'seg' / 'sweep.csv')
+    assert list(rows[0]) == ['lr', 'seed', 'best_mIoU', 'final_mIoU', 'params', 'macs', 'train_img_per_sec',
+                             'wall_seconds', 'epochs', 'run']
+    for r in rows:
+        results = json.loads((tmp_path / 'seg' / r['run'] / 'results.json').read_text())
+        assert float(r['final_mIoU']) == results['mIoU'] and float(r['best_mIoU']) == results['best_mIoU']
+        assert int(r['params']) > 0 and r['macs'] == '' and r['epochs'] == '1'
+    md = (tmp_path / 'seg' / 'sweep.md').read_text()
+    assert '| final mIoU (%) | best mIoU (%) |' in md and 'top-1' not in md and md.count('| 1/1 |') == 2
+    assert (tmp_path / 'seg' / 'mIoU_vs_lr.png').stat().st_size > 1000 and 'mIoU_vs_lr.png' in md
+
+
+def test_detection_rows_report_box_ap(tmp_path):
+    """Run folders of a detection sweep: the columns are best_bbox_AP / final_bbox_AP, best over metrics.jsonl and
+    final from results.json; an unfinished run has empty metrics."""
+    from conv2former.sweep.aggregate import run_row, summarize, sweep_metric
+    metric = sweep_metric('detection')
+    assert (metric.key, metric.best, metric.final, metric.label) == ('bbox_AP', 'best_bbox_AP', 'final_bbox_AP',
+                                                                    'box AP')
+    for name, finals in (('a', (10.0, 30.0, 20.0)), ('b', (5.0, 15.0))):
+        run = tmp_path / name
+        run.mkdir()
+        (run / 'config.yaml').write_text('model: fasterrcnn\nbackbone: conv2former_n\n')
+        (run / 'metrics.jsonl').write_text(''.join(json.dumps(dict(epoch=i + 1, bbox_AP=v, img_per_sec=4.0)) + '\n'
+                                                   for i, v in enumerate(finals)))
+        (run / 'results.json').write_text(json.dumps(dict(bbox_AP=finals[-1], best_bbox_AP=max(finals))))
+    axes = [dict(key='lr', values=[0.1, 0.2, 0.3], target='option')]
+    rows = [run_row(tmp_path, dict(name=n, variant=dict(lr=lr), seed=0), axes, metric)
+            for n, lr in (('a', 0.1), ('b', 0.2), ('missing', 0.3))]
+    assert [(r['best_bbox_AP'], r['final_bbox_AP'], r['epochs']) for r in rows] == [
+        (30.0, 20.0, 3), (15.0, 15.0, 2), (None, None, None)]
+    assert rows[0]['params'] is None  # no task folder (last/) to rebuild the detector from
+    summary = summarize(rows, axes, metric)
+    assert [(e['final_bbox_AP'], e['n']) for e in summary] == [(20.0, 1), (15.0, 1), (None, 0)]

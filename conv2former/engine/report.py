@@ -21,6 +21,12 @@ _EPOCH_COLUMNS = [  # (header, metrics.jsonl key, format)
 ]
 
 
+def column_header(columns: list[tuple[str, str, str]] | None, key: str) -> str:
+    """The report's name of the ``metrics.jsonl`` key ``key`` among a task's ``columns`` (None: classification's):
+    'top-1' for val_top1, a dense task's 'box AP' or 'mIoU'; the key itself when no column shows it."""
+    return next((header for header, k, _ in columns or _EPOCH_COLUMNS if k == key), key)
+
+
 def read_jsonl(path) -> list[dict]:
     """Records of a JSON-lines file. A truncated last line (a run killed mid-write) is skipped silently; any other line
     that is not a JSON object (e.g. a partial line that a resumed run appended to) is skipped with a warning."""

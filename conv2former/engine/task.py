@@ -17,6 +17,8 @@ class Task(Protocol):
     model_id: str             # names the model in checkpoints: resuming another model's run is refused
     run_name: str             # default run folder prefix
     best_metric: str          # key of the metric that selects best/ (higher is better)
+    best_key: str             # key of best_metric's best value in the final metrics: 'best_' + the name under
+    #                           which results.json holds the final value ('best_top1', 'best_mIoU')
     ema_metric: str           # column for the EMA model's best_metric
     title: str                # report title
     columns: Sequence[tuple[str, str, str]]  # report columns: (header, metrics key, format)

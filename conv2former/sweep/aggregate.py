@@ -1,27 +1,59 @@
 """Aggregating a sweep folder: ``sweep.csv`` (one row per run), ``sweep.md`` (one row per variant: mean ± std of
-top-1 over seeds) and PNG plots (``plots.py``). Works on a finished or a partial sweep: runs without
-``results.json`` are listed as unfinished and left out of the means."""
+the task's metric over seeds) and PNG plots (``plots.py``). Works on a finished or a partial sweep: runs without
+``results.json`` are listed as unfinished and left out of the means.
+
+The metric is the task's ``best_metric`` (``SweepMetric``): top-1 for classification (columns ``best_top1`` /
+``final_top1``, as the committed sweep records have them), box AP for detection (``best_bbox_AP`` /
+``final_bbox_AP``), mIoU for segmentation (``best_mIoU`` / ``final_mIoU``)."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
 import statistics
 from pathlib import Path
 
+import torch
 import yaml
 
-from ..engine.report import read_jsonl
+from ..engine.report import column_header, read_jsonl
 from ..fileio import atomic_write_text
-from .grid import variant_label
-from .runner import RUN_FILE, SWEEP_FILE
+from ..tasks import get_task
+from .grid import RUN_FILE, SWEEP_FILE, variant_label
+from .plots import plot_sweep
 
-CSV_COLUMNS = ('best_top1', 'final_top1', 'params', 'macs', 'train_img_per_sec', 'wall_seconds', 'epochs', 'run')
+CSV_COLUMNS = ('params', 'macs', 'train_img_per_sec', 'wall_seconds', 'epochs', 'run')  # after the metric's two
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepMetric:
+    """What a sweep reports of each run of a task: the task's ``best_metric``."""
+    task: str    # the task name ('classification', 'detection', 'segmentation')
+    key: str     # per-epoch key in metrics.jsonl (the task's best_metric: 'val_top1', 'bbox_AP', 'mIoU')
+    name: str    # the task's best_key without 'best_': the columns best_<name>, final_<name> and the results.json
+    #              key of the final value ('top1', 'bbox_AP', 'mIoU')
+    label: str   # in sweep.md and the plots: the task's report header of the metric ('top-1', 'box AP', 'mIoU')
+
+    @property
+    def best(self) -> str:
+        return f'best_{self.name}'
+
+    @property
+    def final(self) -> str:
+        return f'final_{self.name}'
+
+
+def sweep_metric(task: str) -> SweepMetric:
+    """The ``SweepMetric`` of a task name, from what its engine task declares."""
+    task_cls = get_task(task)[0]
+    return SweepMetric(task, task_cls.best_metric, task_cls.best_key.removeprefix('best_'),
+                       column_header(task_cls.columns, task_cls.best_metric))
 
 
 def _model_size(config: dict, num_classes: int) -> tuple:
-    """(params, MACs) of a run's model at its image size, built on the meta device."""
+    """(params, MACs) of a classification run's model at its image size, built on the meta device."""
     from ..info import count_macs
     import timm
     model = timm.create_model(config['model'], device='meta', num_classes=num_classes,
@@ -42,42 +74,58 @@ def _history(run_dir: Path) -> list:
         return [{k: float(v) if v not in ('', None) else None for k, v in row.items()} for row in csv.DictReader(f)]
 
 
-def run_row(sweep_dir: Path, entry: dict, axes: list) -> dict:
-    """The ``sweep.csv`` row of one run (metrics empty when it has not finished)."""
+def _dense_size(run_dir: Path, task: str) -> tuple:
+    """(params, None) of a detection / segmentation run's model, rebuilt on the meta device from its task folder
+    (``last/config.json``); (None, None) without one. MACs are left out: a detector's depend on its detections."""
+    config_file = run_dir / 'last' / 'config.json'
+    if not config_file.is_file():
+        return None, None
+    with torch.device('meta'):
+        model = get_task(task)[0].build(json.loads(config_file.read_text()), None)
+    return sum(p.numel() for p in model.parameters()), None
+
+
+def run_row(sweep_dir: Path, entry: dict, axes: list, metric: SweepMetric | None = None) -> dict:
+    """The ``sweep.csv`` row of one run (metrics empty when it has not finished); ``metric``: classification's
+    top-1 unless given."""
+    metric = metric or sweep_metric('classification')
     run_dir = sweep_dir / entry['name']
     row = {a['key']: entry['variant'][a['key']] for a in axes}
-    row.update(seed=entry['seed'], run=entry['name'], best_top1=None, final_top1=None, params=None, macs=None,
-               train_img_per_sec=None, wall_seconds=None, epochs=None)
+    row.update(seed=entry['seed'], run=entry['name'], params=None, macs=None, train_img_per_sec=None,
+               wall_seconds=None, epochs=None, **{metric.best: None, metric.final: None})
     results, config = run_dir / 'results.json', run_dir / 'config.yaml'
     if not (results.is_file() and config.is_file()):
         return row
     cfg = yaml.safe_load(config.read_text())
     history = _history(run_dir)
-    tops = [r['val_top1'] for r in history if r.get('val_top1') is not None]
+    values = [r[metric.key] for r in history if r.get(metric.key) is not None]
     rates = [r['img_per_sec'] for r in history if r.get('img_per_sec')]
     res = json.loads(results.read_text())
-    params, macs = _model_size(cfg, len(res.get('per_class_accuracy') or {}) or 1000)
+    if metric.task == 'classification':
+        params, macs = _model_size(cfg, len(res.get('per_class_accuracy') or {}) or 1000)
+    else:
+        params, macs = _dense_size(run_dir, metric.task)
     record = json.loads((run_dir / RUN_FILE).read_text()) if (run_dir / RUN_FILE).is_file() else {}
-    row.update(best_top1=max(tops) if tops else None, final_top1=res.get('top1'), params=params, macs=macs,
-               train_img_per_sec=statistics.fmean(rates) if rates else None,
-               wall_seconds=record.get('wall_seconds'), epochs=len(history))
+    row.update(params=params, macs=macs, train_img_per_sec=statistics.fmean(rates) if rates else None,
+               wall_seconds=record.get('wall_seconds'), epochs=len(history),
+               **{metric.best: max(values) if values else None, metric.final: res.get(metric.name)})
     return row
 
 
-def summarize(rows: list, axes: list) -> list:
-    """One entry per variant (grid order): mean and sample std of best and final top-1 over finished seeds."""
+def summarize(rows: list, axes: list, metric: SweepMetric) -> list:
+    """One entry per variant (grid order): mean and sample std of the best and final metric over finished seeds."""
     keys = [a['key'] for a in axes]
     groups = {}
     for row in rows:
         groups.setdefault(tuple(yaml.safe_dump(row[k]) for k in keys), []).append(row)
     summary = []
     for group in groups.values():
-        done = [r for r in group if r['final_top1'] is not None]
+        done = [r for r in group if r[metric.final] is not None]
         entry = {k: group[0][k] for k in keys}
-        for metric in ('final_top1', 'best_top1', 'train_img_per_sec'):
-            values = [r[metric] for r in done if r[metric] is not None]
-            entry[metric] = statistics.fmean(values) if values else None
-            entry[metric + '_std'] = statistics.stdev(values) if len(values) > 1 else (0.0 if values else None)
+        for column in (metric.final, metric.best, 'train_img_per_sec'):
+            values = [r[column] for r in done if r[column] is not None]
+            entry[column] = statistics.fmean(values) if values else None
+            entry[column + '_std'] = statistics.stdev(values) if len(values) > 1 else (0.0 if values else None)
         entry.update(n=len(done), runs=len(group), params=done[0]['params'] if done else None,
                      macs=done[0]['macs'] if done else None)
         summary.append(entry)
@@ -90,8 +138,8 @@ def _fmt(value, spec: str) -> str:
     return format(value, spec)
 
 
-def write_csv(path: Path, rows: list, axes: list) -> None:
-    fields = [a['key'] for a in axes] + ['seed'] + list(CSV_COLUMNS)
+def write_csv(path: Path, rows: list, axes: list, metric: SweepMetric) -> None:
+    fields = [a['key'] for a in axes] + ['seed', metric.best, metric.final, *CSV_COLUMNS]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction='ignore', lineterminator='\n')
     writer.writeheader()
@@ -99,18 +147,18 @@ def write_csv(path: Path, rows: list, axes: list) -> None:
     atomic_write_text(path, buffer.getvalue())
 
 
-def write_markdown(path: Path, summary: list, axes: list, meta: dict, plots: list) -> None:
-    keys = [a['key'] for a in axes]
-    head = '| ' + ' | '.join(keys) + ' | final top-1 (%) | best top-1 (%) | n | params | MMACs | train img/s |'
+def write_markdown(path: Path, summary: list, axes: list, meta: dict, plots: list, metric: SweepMetric) -> None:
+    keys, label = [a['key'] for a in axes], metric.label
+    head = '| ' + ' | '.join(keys) + f' | final {label} (%) | best {label} (%) | n | params | MMACs | train img/s |'
     lines = [f'# Sweep: {", ".join(keys)} x seeds {meta["seeds"]}', '',
              f'Task {meta["task"]}; shared options: `{json.dumps(meta["options"], sort_keys=True)}`.', '',
-             'Mean ± sample standard deviation over the finished seeds (n); final = top-1 after the last epoch, best = '
-             'the highest per-epoch top-1 (selected on the validation set itself, so optimistic).', '',
+             f'Mean ± sample standard deviation over the finished seeds (n); final = {label} after the last epoch, '
+             f'best = the highest per-epoch {label} (selected on the validation set itself, so optimistic).', '',
              head, '|' + '---|' * (len(keys) + 6)]
     for e in summary:
         cells = [str(e[k]) for k in keys] + [
-            f'{_fmt(e["final_top1"], ".2f")} ± {_fmt(e["final_top1_std"], ".2f")}',
-            f'{_fmt(e["best_top1"], ".2f")} ± {_fmt(e["best_top1_std"], ".2f")}',
+            f'{_fmt(e[metric.final], ".2f")} ± {_fmt(e[metric.final + "_std"], ".2f")}',
+            f'{_fmt(e[metric.best], ".2f")} ± {_fmt(e[metric.best + "_std"], ".2f")}',
             f'{e["n"]}/{e["runs"]}', _fmt(e['params'], ',d'),
             _fmt(e['macs'] / 1e6 if e['macs'] else None, '.1f'), _fmt(e['train_img_per_sec'], '.0f')]
         lines.append('| ' + ' | '.join(cells) + ' |')
@@ -119,18 +167,20 @@ def write_markdown(path: Path, summary: list, axes: list, meta: dict, plots: lis
 
 
 def aggregate(sweep_dir) -> dict:
-    """Write ``sweep.csv``, ``sweep.md`` and the plots of ``sweep_dir``; returns the summary and the files."""
-    from .plots import plot_sweep
+    """Write ``sweep.csv``, ``sweep.md`` and the plots of ``sweep_dir``; returns the rows, the summary, the metric
+    and the files."""
     sweep_dir = Path(sweep_dir)
     meta_file = sweep_dir / SWEEP_FILE
     if not meta_file.is_file():
         raise FileNotFoundError(f'--report {sweep_dir}: no {SWEEP_FILE} there (expected a folder written by '
                                 f'conv2former sweep)')
     meta = json.loads(meta_file.read_text())
-    rows = [run_row(sweep_dir, entry, meta['axes']) for entry in meta['runs']]
-    summary = summarize(rows, meta['axes'])
-    write_csv(sweep_dir / 'sweep.csv', rows, meta['axes'])
-    plots = plot_sweep(sweep_dir, rows, summary, meta['axes'])
-    write_markdown(sweep_dir / 'sweep.md', summary, meta['axes'], meta, plots)
-    return dict(rows=rows, summary=summary, files=[sweep_dir / 'sweep.csv', sweep_dir / 'sweep.md', *plots],
+    metric = sweep_metric(meta.get('task', 'classification'))
+    rows = [run_row(sweep_dir, entry, meta['axes'], metric) for entry in meta['runs']]
+    summary = summarize(rows, meta['axes'], metric)
+    write_csv(sweep_dir / 'sweep.csv', rows, meta['axes'], metric)
+    plots = plot_sweep(sweep_dir, rows, summary, meta['axes'], metric)
+    write_markdown(sweep_dir / 'sweep.md', summary, meta['axes'], meta, plots, metric)
+    return dict(rows=rows, summary=summary, metric=metric,
+                files=[sweep_dir / 'sweep.csv', sweep_dir / 'sweep.md', *plots],
                 labels=[variant_label({a['key']: e[a['key']] for a in meta['axes']}) for e in summary])

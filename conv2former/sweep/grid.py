@@ -20,6 +20,8 @@ from ..engine.options import load_yaml_mapping
 # options a grid or a sweep config may not set: the sweep decides them per run
 RESERVED = ('resume', 'experiment', 'output', 'seed', 'config')
 SWEEP_KEYS = ('grid', 'seeds', 'parallel', 'task', 'name')
+SWEEP_FILE = 'sweep.json'    # in a sweep folder: the task, axes, seeds, shared options and planned runs
+RUN_FILE = 'sweep_run.json'  # in each run folder: wall seconds and invocations of the sweep's runs
 
 
 @dataclasses.dataclass

@@ -21,11 +21,10 @@ from ..engine.distributed import launched_as_main
 from ..engine.options import RESUME_SAFE, as_dict
 from ..engine.state import list_checkpoints
 from ..fileio import atomic_write_text
-from .grid import Sweep, run_name, variant_label
+from .aggregate import aggregate
+from .grid import RUN_FILE, SWEEP_FILE, Sweep, run_name, variant_label
 
 _logger = logging.getLogger('conv2former.sweep')
-SWEEP_FILE = 'sweep.json'
-RUN_FILE = 'sweep_run.json'
 
 
 @dataclasses.dataclass
@@ -152,7 +151,6 @@ def as_plain(values: dict) -> dict:
 
 def run_sweep(sweep: Sweep, sweep_dir: Path, progress: bool = True) -> Optional[dict]:
     """Validate, run what is not finished, aggregate. Returns the aggregate's summary."""
-    from .aggregate import aggregate
     todo, runs, states = plan_sweep(sweep, sweep_dir)
     bar = tqdm(total=len(runs), initial=len(runs) - len(todo), unit='run', desc='sweep', disable=not progress)
     if sweep.parallel > 1 and len(todo) > 1:
@@ -185,7 +183,6 @@ def plan_sweep(sweep: Sweep, sweep_dir: Path) -> tuple[list[PlannedRun], list[Pl
 def finish_if_complete(sweep_dir: Path) -> Optional[dict]:
     """Aggregate the sweep when every run listed in its ``sweep.json`` has finished (the last job of a SLURM array
     to finish does it; several doing it at once write the same files atomically); None while runs are missing."""
-    from .aggregate import aggregate
     planned = json.loads((Path(sweep_dir) / SWEEP_FILE).read_text())['runs']
     if all((Path(sweep_dir) / r['name'] / 'results.json').is_file() for r in planned):
         return aggregate(sweep_dir)
