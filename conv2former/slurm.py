@@ -12,6 +12,7 @@ per start of a job on a node."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -20,6 +21,7 @@ import os
 import re
 import signal
 import socket
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -179,6 +181,29 @@ def _signal_delay(timeout_min: float) -> int:
     return int(max(1, min(90, timeout_min * 60 * 0.2)))
 
 
+@contextlib.contextmanager
+def detached_stdio(enabled: bool = True):
+    """While submitit's LocalExecutor starts a job controller: the controller outlives this command and would keep
+    its stdin / stdout / stderr, so a pipe such as ``conv2former train ... --slurm local | tee submit.log`` would not
+    end before the job does. It gets /dev/null instead (the job writes its own log files)."""
+    if not enabled:
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(fd) for fd in (0, 1, 2)]
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        yield
+    finally:
+        for fd, copy in zip((0, 1, 2), saved):
+            os.dup2(copy, fd)
+            os.close(copy)
+        os.close(null)
+
+
 def record_job(folder: Path, **fields) -> None:
     """Append one line to ``folder/jobs.jsonl`` (the run folder's record of its SLURM jobs)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -280,7 +305,8 @@ def submit_run(task: str, options: dict, request: SlurmRequest) -> dict:
     job_options.setdefault('progress', False)  # a job's log is a file: epoch lines, no bars
     logs = run_dir / LOG_FOLDER
     executor = make_executor(request, logs, name=run_dir.name)
-    job = executor.submit(TrainJob(task, job_options, run_dir))
+    with detached_stdio(request.local):
+        job = executor.submit(TrainJob(task, job_options, run_dir))
     record_job(logs, event='submitted', job_id=job.job_id, partition=request.partition, nodes=request.nodes,
                gpus_per_node=request.gpus)
     return dict(job=job, job_id=job.job_id, run_dir=run_dir, logs=logs)
@@ -295,7 +321,7 @@ def submit_sweep(sweep, sweep_dir: Path, request: SlurmRequest) -> dict:
         return dict(jobs=[], runs=len(runs), todo=0, logs=None)
     logs = Path(sweep_dir) / LOG_FOLDER
     executor = make_executor(request, logs, name=Path(sweep_dir).name, array=True)
-    with executor.batch():
+    with detached_stdio(request.local), executor.batch():
         jobs = [executor.submit(TrainJob(sweep.task, dict(r.options, progress=False), r.run_dir(), sweep_dir))
                 for r in todo]
     for run, job in zip(todo, jobs):

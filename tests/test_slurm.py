@@ -162,3 +162,36 @@ def test_dense_training_takes_the_same_cluster_flags(tmp_path, capsys, command):
     assert rc == 2 and '--slurm local runs on this one machine: --nodes 3' in capsys.readouterr().err
     rc = main([*command, '--output', str(tmp_path), '--qos', 'high'])
     assert rc == 2 and '--qos only applies to a submitted job' in capsys.readouterr().err
+
+
+
+def test_the_submitting_command_hands_no_output_stream_to_a_local_job(tmp_path, toy):
+    """``train --slurm local | tee ...`` ends with the command, not with the job: the job controller, which outlives
+    the command, must not hold the command's stdout / stderr (it gets /dev/null; the job writes its log files)."""
+    import select
+    import subprocess
+    run = tmp_path / 'long'
+    command = [sys.executable, '-m', 'conv2former', 'train', '--data', str(toy), '--output', str(tmp_path),
+               '--experiment', 'long', '--epochs', '400', *TINY, '--slurm', 'local']
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        assert proc.wait(timeout=120) == 0
+        out, deadline = b'', time.time() + 30  # the job runs for minutes: EOF within 30 s is the command's own
+        while time.time() < deadline:
+            if select.select([proc.stdout], [], [], 1.0)[0]:
+                chunk = os.read(proc.stdout.fileno(), 65536)
+                if not chunk:
+                    break
+                out += chunk
+        else:
+            pytest.fail('the output pipe stayed open after the command ended: the local job holds it')
+        assert b'submitted job' in out and not (run / 'results.json').exists()
+    finally:
+        deadline = time.time() + 120
+        while not ((run / LOG_FOLDER / JOBS_FILE).is_file() and _starts(run)) and time.time() < deadline:
+            time.sleep(0.1)
+        for start in _starts(run) if (run / LOG_FOLDER / JOBS_FILE).is_file() else []:
+            try:
+                os.kill(start['pid'], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
