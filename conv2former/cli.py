@@ -64,7 +64,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f'conv2former: error: {e}', file=sys.stderr)
         return 4
     except KeyboardInterrupt as e:  # training checkpoints first and says how to resume (engine.runtime.Interrupted)
-        print(f'conv2former: {e or "interrupted"}', file=sys.stderr)
+        print(f'conv2former: {str(e) or "interrupted"}', file=sys.stderr)  # a bare Ctrl-C: str(e) == ''
         return 130
     except RuntimeError as e:
         from .engine import TrainingDiverged

@@ -273,3 +273,25 @@ def test_shards_command_writes_counts_names_and_refuses_to_overwrite(tmp_path, t
     assert main(['shards', str(out), str(tmp_path / 'again'), '--shard-size', '1MB', '--no-progress']) == 0
     assert main(['shards', str(tree), str(out), '--force', '--split', 'val', '--no-progress']) == 0
     assert sorted(p.name for p in out.iterdir()) == ['_info.json', 'classes.txt', 'val']
+
+
+def test_ctrl_c_while_writing_shards_leaves_nothing_and_says_interrupted(tmp_path, toy_images, capsys, monkeypatch):
+    """Ctrl-C in the middle of ``conv2former shards`` (after the first split): exit 130 with 'interrupted' (a bare
+    KeyboardInterrupt has no message), no OUT and no temporary folder beside it; the same command then succeeds."""
+    import conv2former.shards as shards
+    tree = toy_images(tmp_path / 'tree', 4, 2)
+    write_split, calls = shards._write_split, []
+
+    def interrupted_after_one(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return write_split(*args, **kwargs)
+
+    monkeypatch.setattr(shards, '_write_split', interrupted_after_one)
+    out = tmp_path / 'out' / 'shards'
+    assert main(['shards', str(tree), str(out), '--no-progress']) == 130
+    assert capsys.readouterr().err.strip() == 'conv2former: interrupted'
+    assert calls == ['train', 'val'] and list((tmp_path / 'out').iterdir()) == []
+    monkeypatch.setattr(shards, '_write_split', write_split)
+    assert main(['shards', str(tree), str(out), '--no-progress']) == 0 and (out / 'val').is_dir()
