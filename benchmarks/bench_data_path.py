@@ -27,19 +27,18 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from .common import process_tree
+
 
 def _cpu_seconds() -> float:
     """CPU seconds (user + system) used so far by this process and its live children (the DataLoader workers), from
     /proc (Linux): on a shared, loaded machine the work per image is steadier than the wall-clock rate."""
-    tick, total, todo = os.sysconf('SC_CLK_TCK'), 0.0, [os.getpid()]
-    while todo:
-        pid = todo.pop()
+    tick, total = os.sysconf('SC_CLK_TCK'), 0.0
+    for pid in process_tree():
         try:
             fields = Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()
             total += (int(fields[11]) + int(fields[12])) / tick
-            for task in Path(f'/proc/{pid}/task').iterdir():
-                todo += [int(c) for c in (task / 'children').read_text().split()]
-        except (OSError, IndexError, ValueError):
+        except (OSError, IndexError, ValueError):  # a worker that just ended
             continue
     return total
 

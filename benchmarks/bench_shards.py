@@ -32,28 +32,16 @@ from pathlib import Path
 
 import torch
 
+from .common import process_tree
+
 RESULTS = Path(__file__).resolve().parent / 'results' / 'shards'
 SHARD_IMAGES = 256  # images per shard: 37 training shards, so readers that keep few shards open meet many
-
-
-def _process_tree(root: int) -> list[int]:
-    """``root`` and all its descendants (the DataLoader workers), from /proc."""
-    pids, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        pids.append(pid)
-        try:
-            for task in Path(f'/proc/{pid}/task').iterdir():
-                todo += [int(c) for c in (task / 'children').read_text().split()]
-        except OSError:
-            continue
-    return pids
 
 
 def _memory_mib() -> dict:
     """RSS of this process and its workers, split into anonymous and file-backed (mapped shards, libraries)."""
     total = dict(rss=0, anon=0, file=0)
-    for pid in _process_tree(os.getpid()):
+    for pid in process_tree():
         try:
             status = dict(line.split(':', 1) for line in Path(f'/proc/{pid}/status').read_text().splitlines()
                           if ':' in line)

@@ -28,7 +28,7 @@ import torch.nn as nn
 
 __all__ = ['CHECK_BATCH', 'BF16_NOISE_FACTOR', 'SMOKE_MODELS', 'SMOKE_OURS', 'csv', 'select_device', 'fused_variant',
            'kernel_variants', 'build', 'images', 'bf16', 'synchronize', 'free_memory', 'reset_peak_memory',
-           'peak_memory_gib', 'timed_windows', 'attempt', 'randomize_for_check', 'check_agreement',
+           'peak_memory_gib', 'process_tree', 'timed_windows', 'attempt', 'randomize_for_check', 'check_agreement',
            'record_agreement', 'log', 'fmt', 'environment', 'output_stem', 'write_report', 'begin', 'footer', 'finish']
 
 CHECK_BATCH = 8
@@ -153,6 +153,20 @@ def free_memory(device: torch.device) -> None:
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
+
+
+def process_tree(root: int | None = None) -> list[int]:
+    """``root`` (default: this process) and its live descendants, e.g. the DataLoader workers, from /proc (Linux)."""
+    pids, todo = [], [os.getpid() if root is None else root]
+    while todo:
+        pid = todo.pop()
+        pids.append(pid)
+        try:
+            for task in Path(f'/proc/{pid}/task').iterdir():
+                todo += [int(c) for c in (task / 'children').read_text().split()]
+        except OSError:
+            continue
+    return pids
 
 
 def peak_memory_gib(device: torch.device) -> float:

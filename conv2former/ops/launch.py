@@ -29,8 +29,8 @@ except ImportError:  # the torch path (conv2former.ops.dwconv2d) still works
 
 __all__ = ['SUPPORTED_DTYPES', 'MIN_KERNEL_SIZE', 'MAX_KERNEL_SIZE', 'SUM_COMBINE', 'KERNEL_SETS', 'KernelSet',
            'Launch', 'TileConfig', 'accumulator_dtypes', 'empty_output', 'interpreter_enabled', 'is_channels_last',
-           'heuristic_tile', 'launch_grid', 'launch_mode', 'next_pow2', 'recording_launches', 'resolve_tile', 'sm_count',
-           'taps_by_channel', 'tile_config', 'tile_indices', 'depthwise_sum', 'triton_available', 'validate_inputs']
+           'heuristic_tile', 'launch_grid', 'launch_mode', 'next_pow2', 'recording_launches', 'resolve_tile',
+           'sm_count', 'taps_by_channel', 'tile_config', 'tile_indices', 'depthwise_sum', 'triton_available', 'validate_inputs']
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 MIN_KERNEL_SIZE, MAX_KERNEL_SIZE = 3, 31

@@ -117,8 +117,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         if not -n <= index < n:
             raise IndexError(f'index {index} out of range for a dataset of {n} samples')
         index %= n
-        for k in range(n):  # the next readable sample; lazily: a list of all n indices cost 0.7 ms per call at 9k
-            i = (index + k) % n  # images, 90 ms at ImageNet's 1.28M
+        for k in range(n):  # the next readable sample, indices made one at a time (never a list of all n per call)
+            i = (index + k) % n
             img = None if self._bad[i] else self._load(i)
             if img is not None:
                 return (self.transform(img) if self.transform is not None else img), self.samples[i][1]
