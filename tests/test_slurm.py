@@ -119,14 +119,15 @@ def test_a_local_job_equals_a_local_run_and_a_signalled_job_resumes_exactly(tmp_
                    model_kwargs=dict(depths=[1, 1, 1, 1], dims=[8, 8, 16, 16]))
     plain = submit_run('classification', dict(options, experiment='job'), SlurmRequest('local'))
     signalled = submit_run('classification', dict(options, experiment='signalled'), SlurmRequest('local'))
-    assert main(['train', '--data', str(toy), '--output', str(tmp_path), '--experiment', 'ref', '--epochs',
-                 str(epochs), *TINY]) == 0
     run = tmp_path / 'signalled'
     deadline = time.time() + 600
-    while not list_checkpoints(run):
+    while not list_checkpoints(run):  # signal right after the first epoch, well before the last one (a signal
+        # that comes during the last epoch's evaluation lets the run finish: nothing left to requeue)
         assert not signalled['job'].done() and time.time() < deadline, 'the job ended before its first checkpoint'
         time.sleep(0.05)
     os.kill(_starts(run)[0]['pid'], signal.SIGUSR2)
+    assert main(['train', '--data', str(toy), '--output', str(tmp_path), '--experiment', 'ref', '--epochs',
+                 str(epochs), *TINY]) == 0
     results = wait_for([plain['job'], signalled['job']])
     reference = _weights(tmp_path / 'ref')
     assert _same(_weights(tmp_path / 'job'), reference)
