@@ -3,7 +3,9 @@ tensor-resident path (``--data-cache``: uint8 cache + ``BatchAugment`` on the de
 on the ``small`` recipe's augmentation (random-resized-crop scale 0.6-1, flip, bilinear; ``--paper-augment`` adds the
 in1k recipe's RandAugment and random erasing to both). The two paths are timed in alternation (PIL, tensor, PIL,
 tensor, ...) so a change of machine load hits both; the ratio of the medians is the result. The PIL loader uses
-``--workers`` processes, the tensor path loads in the training process as the engine does. Also times kornia's
+``--workers`` processes, the tensor path loads in the training process as the engine does. A third path, ``engine``,
+is the engine's own PIL loader (``ImageFolderDataset`` seeded per sample by ``SeededDataset``) with the same transform
+and workers: what ``conv2former train`` reads without ``--data-cache``. Also times kornia's
 RandomResizedCrop + flip on the same batches (with ``--paper-augment``: RandAugment alone, kornia's vs ours; when kornia
 is installed), and a few training steps of a small Conv2Former fed by each path.
 
@@ -81,16 +83,22 @@ def _paper_augment(args, batched: bool = False) -> dict:
     return dict(aa=policy, re_prob=0.25) if batched else dict(auto_augment=policy, re_prob=0.25, re_mode='pixel')
 
 
-def pil_loader(train_dir: Path, args):
+def pil_loader(train_dir: Path, args, engine: bool = False):
+    """timm's ``create_dataset`` (default) or, with ``engine``, the engine's ``ImageFolderDataset`` in its per-sample
+    ``SeededDataset``; either with the same PIL transform and ``--workers`` DataLoader workers."""
     from timm.data import create_dataset, create_transform
-    dataset = create_dataset('', root=str(train_dir), is_training=True)
-    from conv2former.tasks.classification.data import allow_zero_bit_posterize
-    dataset.transform = allow_zero_bit_posterize(create_transform(
+    from conv2former.engine.runtime import SeededDataset
+    from conv2former.tasks.classification.data import ImageFolderDataset, allow_zero_bit_posterize
+    transform = allow_zero_bit_posterize(create_transform(
         args.img_size, is_training=True, scale=(0.6, 1.0), hflip=0.5, color_jitter=0.0, interpolation='bilinear',
         **_paper_augment(args)))
-    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
-                        drop_last=True, persistent_workers=args.workers > 0)
-    return loader
+    if engine:
+        dataset = SeededDataset(ImageFolderDataset(train_dir, transform), 0)
+    else:
+        dataset = create_dataset('', root=str(train_dir), is_training=True)
+        dataset.transform = transform
+    return DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+                      drop_last=True, persistent_workers=args.workers > 0)
 
 
 def tensor_path(root: Path, args):
@@ -170,12 +178,17 @@ def main() -> None:
     from conv2former.data import find_split, resolve_data_dir
     root = resolve_data_dir(args.data)
     loader, augment, cache_seconds = tensor_path(root, args)
-    pil, tensor = forever(pil_loader(find_split(root, 'train'), args)), forever(loader)
+    train_dir = find_split(root, 'train')
+    pil, tensor = forever(pil_loader(train_dir, args)), forever(loader)
+    engine = forever(pil_loader(train_dir, args, engine=True))
     # tensor_fetch: the host's share when the augmentation runs on a GPU (batches fetched, not augmented)
-    rates, cpu_ms = dict(pil=[], tensor=[], tensor_fetch=[]), dict(pil=[], tensor=[], tensor_fetch=[])
+    paths = ('pil', 'engine', 'tensor', 'tensor_fetch')
+    rates, cpu_ms = {k: [] for k in paths}, {k: [] for k in paths}
     pil_prefetched = 2 * args.workers  # DataLoader's default prefetch_factor is 2 per worker
     for r in range(args.rounds):
-        rates['pil'].append(_rate(pil, args.batches, args.batch_size, cpu=cpu_ms['pil'], warmup=pil_prefetched + 1))
+        for key, batches in (('pil', pil), ('engine', engine)):
+            rates[key].append(_rate(batches, args.batches, args.batch_size, cpu=cpu_ms[key],
+                                    warmup=pil_prefetched + 1))
         rates['tensor'].append(_rate(tensor, args.batches, args.batch_size,
                                      lambda b: augment(b[0].to(args.device, non_blocking=True)),
                                      cpu=cpu_ms['tensor']))
@@ -188,8 +201,10 @@ def main() -> None:
                   rates=rates, median={k: statistics.median(v) for k, v in rates.items() if v},
                   torch_threads=torch.get_num_threads())
     result['ratio_tensor_over_pil'] = result['median']['tensor'] / result['median']['pil']
+    result['ratio_engine_over_pil'] = result['median']['engine'] / result['median']['pil']
     result['cpu_ms_per_image'] = {k: statistics.median(v) for k, v in cpu_ms.items()}
-    result['cpu_ratio_pil_over_tensor'] = result['cpu_ms_per_image']['pil'] / result['cpu_ms_per_image']['tensor']
+    tensor_cpu = result['cpu_ms_per_image']['tensor']  # 0 when a short run stays under one clock tick (10 ms)
+    result['cpu_ratio_pil_over_tensor'] = result['cpu_ms_per_image']['pil'] / tensor_cpu if tensor_cpu else None
     result['loadavg_at_end'] = os.getloadavg()
     if args.train_steps:
         result['train_img_per_sec'] = dict(pil=train_rate(pil, args), tensor=train_rate(tensor, args, augment))

@@ -178,3 +178,21 @@ def test_cache_refuses_timm_sources(tmp_path):
     with pytest.raises(ValueError, match='timm source'):
         build_options('classification', dict(data='torch/cifar10', data_cache=True, recipe='small'))
     assert build_options('classification', dict(data=str(tmp_path), data_cache=True, recipe='small')).data_cache
+
+
+def test_bench_data_path_times_every_loader_on_one_tree(tmp_path):
+    """``python -m benchmarks.bench_data_path`` (one tiny round): timm's PIL loader, the engine's own PIL loader and
+    the tensor cache are each timed, and the JSON gives their rates and ratios."""
+    import subprocess
+    import sys
+    root = _tree(tmp_path / 'data')
+    out = tmp_path / 'bench'
+    proc = subprocess.run([sys.executable, '-m', 'benchmarks.bench_data_path', '--data', str(root), '--img-size', '16',
+                           '-b', '4', '-j', '0', '--batches', '2', '--rounds', '1', '--train-steps', '0',
+                           '--out', str(out)], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out.with_suffix('.json').read_text())
+    assert {'pil', 'engine', 'tensor', 'tensor_fetch'} <= result['median'].keys()
+    assert all(len(result['rates'][k]) == 1 and result['median'][k] > 0 for k in ('pil', 'engine', 'tensor'))
+    assert result['ratio_engine_over_pil'] == pytest.approx(result['median']['engine'] / result['median']['pil'])
