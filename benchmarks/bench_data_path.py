@@ -186,7 +186,8 @@ def main() -> None:
     rates, cpu_ms = {k: [] for k in paths}, {k: [] for k in paths}
     pil_prefetched = 2 * args.workers  # DataLoader's default prefetch_factor is 2 per worker
     for r in range(args.rounds):
-        for key, batches in (('pil', pil), ('engine', engine)):
+        pil_paths = (('pil', pil), ('engine', engine))
+        for key, batches in pil_paths if r % 2 == 0 else pil_paths[::-1]:  # neither always first
             rates[key].append(_rate(batches, args.batches, args.batch_size, cpu=cpu_ms[key],
                                     warmup=pil_prefetched + 1))
         rates['tensor'].append(_rate(tensor, args.batches, args.batch_size,
