@@ -73,14 +73,12 @@ class PeakMemory:
 
 
 def _transform(img_size: int):
-    """timm's training transform as ``conv2former train`` builds it (its default flags) for a 128 px Conv2Former."""
+    """The training transform ``conv2former train`` builds with its default flags for a 128 px Conv2Former."""
     import timm
-    from timm.data import create_transform, resolve_data_config
-    import conv2former  # noqa: F401  (registers the models)
+    from timm.data import resolve_data_config
+    from conv2former.tasks.classification.task import ClassificationOptions, train_transform
     model = timm.create_model('conv2former_n', device='meta')
-    config = resolve_data_config(dict(img_size=img_size), model=model)
-    return create_transform(**config, is_training=True, scale=(0.08, 1.0), hflip=0.5, color_jitter=0.4,
-                            re_prob=0.0)
+    return train_transform(resolve_data_config(dict(img_size=img_size), model=model), ClassificationOptions())
 
 
 class WidsShardList(torch.utils.data.Dataset):

@@ -138,6 +138,13 @@ def pop_request(args: argparse.Namespace) -> Optional[SlurmRequest]:
     return SlurmRequest(partition=values['slurm'], extra=extra, **fields).check()
 
 
+def train_options(args: argparse.Namespace) -> tuple[dict, Optional[SlurmRequest]]:
+    """(options, cluster request) of a parsed ``train`` command of any task: the options given on the command line
+    (flags not given stay out: defaults, recipe and YAML fill them) and the checked ``--slurm`` request, or None."""
+    request = pop_request(args)
+    return {k: v for k, v in vars(args).items() if k not in ('func', 'command', 'action')}, request
+
+
 def _submitit():
     try:
         import submitit

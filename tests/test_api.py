@@ -58,7 +58,7 @@ def test_recipe_inside_a_yaml_config_applies_at_its_place(tmp_path):
 
 def test_the_cli_and_the_api_build_the_same_options(tmp_path):
     from conv2former.cli import build_parser
-    from conv2former.tasks.classification.cli import train_options
+    from conv2former.slurm import train_options
     argv = ['train', '--recipe', 'small', '--model-kwargs', 'kernel_size=7', '--model-kwargs', 'depths=[1,1,1,1]',
             '-b', '8', '--no-progress', '--scale', '0.5', '1']
     from_cli = build_options('classification', train_options(build_parser().parse_args(argv))[0])

@@ -175,7 +175,7 @@ def test_a_crash_while_writing_never_corrupts_the_last_checkpoint(tmp_path, monk
 
 
 def _parse(*argv):
-    from conv2former.tasks.classification.cli import train_options
+    from conv2former.slurm import train_options
     return build_options('classification', train_options(build_parser().parse_args(['train', *argv]))[0])
 
 

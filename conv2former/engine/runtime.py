@@ -86,19 +86,19 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([abs(int(p)) for p in parts]).generate_state(1)[0]) & 0x7FFFFFFF
 
 
-def seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def seed_cpu(seed: int) -> None:
-    """``seed_all`` for the CPU generators only (Python, NumPy, torch's default generator): what a sample's
-    transform draws from. ``torch.manual_seed`` also queues the CUDA seeding, recording a stack trace each time in
-    CUDA builds of torch (140 us on this machine, against 1 us): once per sample that was 15% of the data path."""
+    """The CPU generators (Python, NumPy, torch's default generator): what a sample's transform draws from.
+    ``torch.manual_seed`` also queues the accelerators' seeding, recording a stack trace each time in CUDA builds of
+    torch (140 us on this machine, against 1 us): once per sample that was 15% of the data path."""
     random.seed(seed)
     np.random.seed(seed)
     torch.default_generator.manual_seed(seed)
+
+
+def seed_all(seed: int) -> None:
+    """Every generator: the CPU's (``seed_cpu``) and the accelerators' (``torch.manual_seed``)."""
+    seed_cpu(seed)
+    torch.manual_seed(seed)
 
 
 class SeededDataset(Dataset):

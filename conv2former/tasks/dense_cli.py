@@ -118,16 +118,15 @@ def cmd_train(task: str, args: argparse.Namespace) -> int:
     """``detect train`` / ``segment train`` through the Python API."""
     from ..api import train
     from . import get_task
-    from ..slurm import pop_request, print_submitted, submit_run
+    from ..slurm import print_submitted, submit_run, train_options
     task_cls = get_task(task)[0]
-    request = pop_request(args)
-    options = {k: v for k, v in vars(args).items() if k not in ('func', 'command', 'action')}
+    options, request = train_options(args)
     if request is not None:
         return print_submitted(submit_run(task, options, request))
     final = train(task, **options)
     metric, shown_keys = task_cls.best_metric, set(task_cls.curves.values())
     shown = ', '.join(f'{k} {v:.2f}' for k, v in final.items() if isinstance(v, float) and k in shown_keys)
-    best = final.get(f'best_{metric}')
+    best = final.get(task_cls.best_key)
     if not launched_as_main():
         return 0
     print(f'final: {shown or "no evaluation"}  (best {metric}: {"–" if best is None else f"{best:.2f}"})  '

@@ -9,16 +9,8 @@ from pathlib import Path
 
 from ...engine.distributed import launched_as_main
 from ...engine.options import add_arguments, add_keywords_argument, keywords, positive_int
-from ...slurm import add_slurm_arguments
+from ...slurm import add_slurm_arguments, train_options
 from .task import ClassificationOptions
-
-
-def train_options(args: argparse.Namespace):
-    """(options, cluster request) of a parsed ``train`` command: the options given on the command line (flags not
-    given stay out: defaults, recipe and YAML fill them) and the checked ``--slurm`` request, or None."""
-    from ...slurm import pop_request
-    request = pop_request(args)
-    return {k: v for k, v in vars(args).items() if k not in ('func', 'command')}, request
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

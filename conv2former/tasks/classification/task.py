@@ -122,6 +122,13 @@ class ClassificationOptions(RunOptions):
         return self.blr * self.batch_size * self.grad_accum_steps * world_size / 1024
 
 
+def train_transform(data_config: dict, o: ClassificationOptions):
+    """The PIL training transform (timm's ``create_transform``) of ``o``'s augmentation flags at ``data_config``."""
+    return allow_zero_bit_posterize(create_transform(
+        **data_config, is_training=True, scale=o.scale, hflip=o.hflip, color_jitter=o.color_jitter,
+        auto_augment=o.aa, re_prob=o.reprob, re_mode='pixel', re_count=1))
+
+
 class ClassificationTask:
     """Image classification with a timm model (any registered name; Conv2Former by default)."""
     recipes = RECIPES
@@ -245,9 +252,7 @@ class ClassificationTask:
                 _logger.info('--data-cache: the cache is built with %s interpolation; training crops are resized '
                              'bilinearly', self.data_config['interpolation'])
             return
-        train.transform = allow_zero_bit_posterize(create_transform(
-            **self.data_config, is_training=True, scale=o.scale, hflip=o.hflip, color_jitter=o.color_jitter,
-            auto_augment=o.aa, re_prob=o.reprob, re_mode='pixel', re_count=1))
+        train.transform = train_transform(self.data_config, o)
         val.transform = create_transform(**self.data_config)
 
     def optimizer(self, model: nn.Module, world_size: int) -> torch.optim.Optimizer:
